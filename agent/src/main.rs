@@ -1,0 +1,4 @@
+//! `ferry`: the node agent and its CLI.
+fn main() {
+    println!("{}", ferry::bpf::loader::OBJECT.len());
+}

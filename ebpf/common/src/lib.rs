@@ -1,0 +1,132 @@
+//! Types shared between Ferry's kernel programs and its agent.
+//!
+//! Everything here is `#[repr(C)]` and plain old data: the kernel and userspace read the same bytes.
+//! Addresses are kept as the kernel hands them over (network byte order words) so the programs never
+//! convert; the agent converts once, at the edge.
+#![no_std]
+
+/// `AF_INET`, as stored in [`SockAddr::family`].
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as stored in [`SockAddr::family`].
+pub const AF_INET6: u16 = 10;
+
+/// An IPv4 or IPv6 socket address in the kernel's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockAddr {
+    /// Address words in network byte order; IPv4 uses `ip[0]` and leaves the rest zero.
+    pub ip: [u32; 4],
+    /// Port in host byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+}
+
+/// Key of the original-destination table that the proxy reads on accept.
+///
+/// Every pod owns 127.0.0.1, so the app socket's address alone is ambiguous across pods: the netns
+/// cookie of the pod makes it unique.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    /// `SO_NETNS_COOKIE` of the pod's network namespace.
+    pub netns_cookie: u64,
+    /// The app socket's local address, which the proxy sees as the peer of the accepted socket.
+    pub src: SockAddr,
+    /// Always zero: keeps the key free of uninitialised padding, which the kernel would hash.
+    pub pad: u32,
+}
+
+/// Key of the inbound listener table: one of an enrolled pod's own addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PodAddr {
+    /// Address words in network byte order; IPv4 uses `ip[0]`.
+    pub ip: [u32; 4],
+    /// [`AF_INET`] or [`AF_INET6`] (u32 to keep the key free of padding).
+    pub family: u32,
+}
+
+/// Node-wide capture settings, stored at index 0 of the `CAPTURE_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CaptureConfig {
+    /// In-pod outbound listener port (loopback), where connect() is redirected.
+    pub outbound_port: u16,
+    /// In-pod inbound plaintext listener port.
+    pub inbound_port: u16,
+    /// HBONE tunnel port on the pod address; never steered.
+    pub tunnel_port: u16,
+    /// Non-zero once the agent has written the configuration; before that nothing is captured.
+    pub enabled: u16,
+}
+
+/// Indexes of the global per-CPU counters in the `COUNTERS` array.
+pub mod counter {
+    /// connect() calls rewritten to the outbound listener.
+    pub const OUTBOUND_REDIRECTED: u32 = 0;
+    /// connect() calls left alone: loopback, excluded port or CIDR, proxy port, not TCP.
+    pub const OUTBOUND_BYPASSED: u32 = 1;
+    /// Original destinations recorded by 4-tuple in sock_ops.
+    pub const TUPLE_RECORDED: u32 = 2;
+    /// SYNs steered to an inbound listener by sk_lookup.
+    pub const INBOUND_STEERED: u32 = 3;
+    /// SYNs for a pod address without a listener in the table (left to the kernel).
+    pub const INBOUND_NO_LISTENER: u32 = 4;
+    /// Number of counters.
+    pub const COUNT: u32 = 5;
+}
+
+/// Per-pod counters, keyed by the pod's cgroup id (outbound) or first address (inbound).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodCounters {
+    /// Outbound connections redirected to the proxy.
+    pub outbound_redirects: u64,
+    /// Inbound connections steered to the proxy.
+    pub inbound_steers: u64,
+}
+
+/// Names of the maps in the object file, shared so the agent cannot drift from the programs.
+pub mod maps {
+    /// cookie -> original destination, written by connect4/6.
+    pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
+    /// (netns cookie, app address) -> original destination, written by sock_ops.
+    pub const ORIG_DST_BY_CONN: &str = "ORIG_DST_BY_CONN";
+    /// pod address -> inbound listener socket.
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// Capture settings.
+    pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
+    /// Ports never captured.
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    /// IPv4 CIDRs never captured.
+    pub const EXCLUDED_CIDRS_V4: &str = "EXCLUDED_CIDRS_V4";
+    /// IPv6 CIDRs never captured.
+    pub const EXCLUDED_CIDRS_V6: &str = "EXCLUDED_CIDRS_V6";
+    /// Global counters.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Outbound redirects by pod cgroup id.
+    pub const POD_COUNTERS: &str = "POD_COUNTERS";
+}
+
+/// Names of the programs in the object file.
+pub mod programs {
+    /// cgroup/connect4.
+    pub const CONNECT4: &str = "ferry_connect4";
+    /// cgroup/connect6.
+    pub const CONNECT6: &str = "ferry_connect6";
+    /// sock_ops recording the 4-tuple.
+    pub const SOCK_OPS: &str = "ferry_sockops";
+    /// sk_lookup steering inbound SYNs.
+    pub const SK_LOOKUP: &str = "ferry_sk_lookup";
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: all of these are repr(C) structs of integers with no padding holes the kernel reads.
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::PodAddr {}
+    unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::PodCounters {}
+}

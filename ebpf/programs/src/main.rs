@@ -1,0 +1,23 @@
+//! Ferry's kernel programs.
+//!
+//! - `outbound`: cgroup connect4/connect6 redirect a pod's TCP connects to the in-pod outbound listener
+//!   and record the original destination by socket cookie.
+//! - `conntrack`: sock_ops moves that record to a key the proxy can compute on accept.
+//! - `inbound`: sk_lookup steers SYNs for a pod's address to the in-pod inbound listener.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod inbound;
+mod maps;
+mod outbound;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
