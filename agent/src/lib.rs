@@ -1,2 +1,7 @@
 //! Ferry's node agent.
 pub mod bpf;
+pub mod config;
+pub mod daemon;
+pub mod enroll;
+pub mod events;
+pub mod proxy;

@@ -1,2 +1,11 @@
-//! Userspace side of the kernel programs: loading, attaching and reading their maps.
+//! Userspace side of the kernel programs: loading them, attaching them to pods, and the maps the
+//! proxy reads.
+mod addr;
+pub mod attach;
 pub mod loader;
+pub mod orig_dst;
+
+pub use addr::{pod_addr, sock_addr_from_std, sock_addr_to_std};
+pub use attach::PodAttachment;
+pub use loader::{Datapath, DatapathError};
+pub use orig_dst::OrigDstTable;

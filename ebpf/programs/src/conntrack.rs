@@ -11,15 +11,18 @@ use aya_ebpf::{
 };
 use ferry_common::{AF_INET, AF_INET6, ConnKey, SockAddr, counter};
 
-use crate::maps::{ORIG_DST_BY_CONN, ORIG_DST_BY_COOKIE, count};
+use crate::{
+    ctx::{ctx_read, read_ip6},
+    maps::{ORIG_DST_BY_CONN, ORIG_DST_BY_COOKIE, count},
+};
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 
 #[sock_ops]
 pub fn ferry_sockops(ctx: SockOpsContext) -> u32 {
-    // SAFETY: valid bpf_sock_ops for this program type.
-    let ops = unsafe { &*ctx.ops };
-    if ops.op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let ops = ctx.ops;
+    // SAFETY (all ctx reads below): `ops` is the kernel's bpf_sock_ops for this program type.
+    if unsafe { ctx_read(&raw const (*ops).op) } != BPF_SOCK_OPS_TCP_CONNECT_CB {
         return 1;
     }
     // SAFETY: helpers valid for sock_ops programs.
@@ -29,18 +32,27 @@ pub fn ferry_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     };
     let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
-    let family = ops.family as u16;
+    let family = unsafe { ctx_read(&raw const (*ops).family) } as u16;
     let ip = if family == AF_INET {
-        [ops.local_ip4, 0, 0, 0]
+        [unsafe { ctx_read(&raw const (*ops).local_ip4) }, 0, 0, 0]
     } else if family == AF_INET6 {
-        [ops.local_ip6[0], ops.local_ip6[1], ops.local_ip6[2], ops.local_ip6[3]]
+        unsafe { read_ip6(&raw const (*ops).local_ip6) }
+    } else {
+        return 1;
+    };
+    // A dual-stack socket reaching an IPv4 destination has a v4-mapped local address; the proxy
+    // accepts it on its IPv4 listener and sees a plain IPv4 peer, so record it as IPv4.
+    let (ip, family) = if family == AF_INET6 && ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0xffff) {
+        ([ip[3], 0, 0, 0], AF_INET)
+    } else if family == AF_INET || family == AF_INET6 {
+        (ip, family)
     } else {
         return 1;
     };
     let key = ConnKey {
         // SAFETY: helper valid for sock_ops programs.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        src: SockAddr { ip, port: ops.local_port as u16, family },
+        src: SockAddr { ip, port: unsafe { ctx_read(&raw const (*ops).local_port) } as u16, family },
         pad: 0,
     };
     if ORIG_DST_BY_CONN.insert(&key, &orig, 0).is_ok() {

@@ -6,7 +6,10 @@
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use ferry_common::{AF_INET, AF_INET6, PodAddr, counter};
 
-use crate::maps::{INBOUND_LISTENERS, capture_config, count};
+use crate::{
+    ctx::{ctx_read, read_ip6},
+    maps::{INBOUND_LISTENERS, capture_config, count},
+};
 
 const SK_PASS: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -15,20 +18,22 @@ const LOOPBACK_IFINDEX: u32 = 1;
 
 #[sk_lookup]
 pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
-    // SAFETY: valid bpf_sk_lookup for this program type.
-    let lk = unsafe { &*ctx.lookup };
-    if lk.protocol != IPPROTO_TCP || lk.ingress_ifindex == LOOPBACK_IFINDEX {
+    let lk = ctx.lookup;
+    // SAFETY (all reads below): `lk` is the kernel's bpf_sk_lookup for this program type.
+    if unsafe { ctx_read(&raw const (*lk).protocol) } != IPPROTO_TCP
+        || unsafe { ctx_read(&raw const (*lk).ingress_ifindex) } == LOOPBACK_IFINDEX
+    {
         return SK_PASS;
     }
     let Some(cfg) = capture_config() else { return SK_PASS };
-    if lk.local_port == u32::from(cfg.tunnel_port) {
+    if unsafe { ctx_read(&raw const (*lk).local_port) } == u32::from(cfg.tunnel_port) {
         return SK_PASS;
     }
-    let family = lk.family;
+    let family = unsafe { ctx_read(&raw const (*lk).family) };
     let key = if family == u32::from(AF_INET) {
-        PodAddr { ip: [lk.local_ip4, 0, 0, 0], family }
+        PodAddr { ip: [unsafe { ctx_read(&raw const (*lk).local_ip4) }, 0, 0, 0], family }
     } else if family == u32::from(AF_INET6) {
-        PodAddr { ip: [lk.local_ip6[0], lk.local_ip6[1], lk.local_ip6[2], lk.local_ip6[3]], family }
+        PodAddr { ip: unsafe { read_ip6(&raw const (*lk).local_ip6) }, family }
     } else {
         return SK_PASS;
     };

@@ -8,6 +8,7 @@
 #![no_main]
 
 mod conntrack;
+mod ctx;
 mod inbound;
 mod maps;
 mod outbound;

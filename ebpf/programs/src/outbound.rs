@@ -3,6 +3,7 @@
 //! recorded under the socket's cookie.
 
 use aya_ebpf::{
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
@@ -10,9 +11,12 @@ use aya_ebpf::{
 };
 use ferry_common::{AF_INET, AF_INET6, CaptureConfig, PodCounters, SockAddr, counter};
 
-use crate::maps::{
-    EXCLUDED_CIDRS_V4, EXCLUDED_CIDRS_V6, EXCLUDED_PORTS, ORIG_DST_BY_COOKIE, POD_COUNTERS,
-    capture_config, count,
+use crate::{
+    ctx::{ctx_read, ctx_write, read_ip6},
+    maps::{
+        EXCLUDED_CIDRS_V4, EXCLUDED_CIDRS_V6, EXCLUDED_PORTS, ORIG_DST_BY_COOKIE, POD_COUNTERS, capture_config,
+        count,
+    },
 };
 
 /// Allow the connect() to proceed (with or without a rewrite).
@@ -24,14 +28,14 @@ const LOOPBACK_V4: u32 = u32::from_be(0x7f00_0001);
 
 #[cgroup_sock_addr(connect4)]
 pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the kernel hands a valid bpf_sock_addr for this program type.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM || (sa.protocol != 0 && sa.protocol != IPPROTO_TCP) {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
         return ALLOW;
     }
     let Some(cfg) = capture_config() else { return ALLOW };
-    let ip = sa.user_ip4;
-    let port = u16::from_be(sa.user_port as u16);
+    // SAFETY (all ctx accesses below): `sa` is the kernel's bpf_sock_addr for this program type.
+    let ip = unsafe { ctx_read(&raw const (*sa).user_ip4) };
+    let port = u16::from_be(unsafe { ctx_read(&raw const (*sa).user_port) } as u16);
     // 127.0.0.0/8: the first octet is the lowest byte of the network-order word.
     if ip & 0xff == 127 || !port_is_captured(&cfg, port) || EXCLUDED_CIDRS_V4.get(Key::new(32, ip)).is_some() {
         count(counter::OUTBOUND_BYPASSED);
@@ -43,22 +47,24 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
         count(counter::OUTBOUND_BYPASSED);
         return ALLOW;
     }
-    sa.user_ip4 = LOOPBACK_V4;
-    sa.user_port = u32::from(cfg.outbound_port.to_be());
+    unsafe {
+        ctx_write(&raw mut (*sa).user_ip4, LOOPBACK_V4);
+        ctx_write(&raw mut (*sa).user_port, u32::from(cfg.outbound_port.to_be()));
+    }
     count_redirect();
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the kernel hands a valid bpf_sock_addr for this program type.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM || (sa.protocol != 0 && sa.protocol != IPPROTO_TCP) {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
         return ALLOW;
     }
     let Some(cfg) = capture_config() else { return ALLOW };
-    let ip = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
-    let port = u16::from_be(sa.user_port as u16);
+    // SAFETY (all ctx accesses below): `sa` is the kernel's bpf_sock_addr for this program type.
+    let ip = unsafe { read_ip6(&raw const (*sa).user_ip6) };
+    let port = u16::from_be(unsafe { ctx_read(&raw const (*sa).user_port) } as u16);
     if !port_is_captured(&cfg, port) {
         count(counter::OUTBOUND_BYPASSED);
         return ALLOW;
@@ -84,15 +90,25 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
         count(counter::OUTBOUND_BYPASSED);
         return ALLOW;
     }
-    if v4_mapped {
-        // Stay on the v4-mapped form: the socket may be v4-only in practice (bound to a v4 address).
-        sa.user_ip6 = [0, 0, u32::from_be(0x0000_ffff), LOOPBACK_V4];
-    } else {
-        sa.user_ip6 = [0, 0, 0, u32::from_be(1)];
+    // A v4-mapped destination stays v4-mapped: the socket may in practice be IPv4-only.
+    let new_ip = if v4_mapped { [0, 0, u32::from_be(0x0000_ffff), LOOPBACK_V4] } else { [0, 0, 0, u32::from_be(1)] };
+    unsafe {
+        ctx_write(&raw mut (*sa).user_ip6[0], new_ip[0]);
+        ctx_write(&raw mut (*sa).user_ip6[1], new_ip[1]);
+        ctx_write(&raw mut (*sa).user_ip6[2], new_ip[2]);
+        ctx_write(&raw mut (*sa).user_ip6[3], new_ip[3]);
+        ctx_write(&raw mut (*sa).user_port, u32::from(cfg.outbound_port.to_be()));
     }
-    sa.user_port = u32::from(cfg.outbound_port.to_be());
     count_redirect();
     ALLOW
+}
+
+/// Only TCP is captured: UDP and raw sockets go their own way.
+#[inline(always)]
+fn is_tcp(sa: *mut bpf_sock_addr) -> bool {
+    // SAFETY: `sa` is the kernel's bpf_sock_addr for this program type.
+    let (ty, proto) = unsafe { (ctx_read(&raw const (*sa).type_), ctx_read(&raw const (*sa).protocol)) };
+    ty == SOCK_STREAM && (proto == 0 || proto == IPPROTO_TCP)
 }
 
 /// The proxy's own ports and excluded ports are never captured: that is what prevents loops when

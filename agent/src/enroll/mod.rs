@@ -1,0 +1,169 @@
+//! Enrollment: putting one pod under the mesh, and taking it out again.
+//!
+//! Order matters. Listeners come first, then the sk_lookup table, then the program attachments, so
+//! capture never starts before there is something to capture to. Unenrollment runs the other way.
+
+pub mod netns;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use tokio::task::JoinHandle;
+
+use crate::{
+    bpf::{Datapath, DatapathError, PodAttachment},
+    config::Pod,
+    proxy::{PodContext, ProxyShared, accept_loop, inbound, outbound, sockets::listen_in},
+};
+use netns::{NetnsError, PodNetns};
+
+/// Why a pod could not be enrolled.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// The pod has no netns or cgroup path (it is not local to this node).
+    #[error("pod {0} has no {1} path")]
+    MissingPath(String, &'static str),
+    /// The netns could not be entered.
+    #[error("pod {pod}")]
+    Netns {
+        /// "namespace/name".
+        pod: String,
+        /// The cause.
+        source: NetnsError,
+    },
+    /// An in-pod listener could not be opened.
+    #[error("pod {pod}: listening on {addr} in its netns")]
+    Listen {
+        /// "namespace/name".
+        pod: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Attaching programs or writing maps failed.
+    #[error("pod {pod}")]
+    Datapath {
+        /// "namespace/name".
+        pod: String,
+        /// The cause.
+        source: DatapathError,
+    },
+}
+
+/// An enrolled pod. Call [`Enrollment::unenroll`] to take it out cleanly; dropping it also detaches
+/// the programs and closes the listeners.
+pub struct Enrollment {
+    /// "namespace/name".
+    pub key: String,
+    /// The pod's cgroup directory.
+    pub cgroup: PathBuf,
+    attachment: Option<PodAttachment>,
+    inbound_ips: Vec<IpAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    context: Arc<PodContext>,
+}
+
+impl Enrollment {
+    /// Enrolls `pod`: in-pod listeners, sk_lookup entries, then cgroup and netns programs.
+    pub async fn enroll(
+        pod: &Pod,
+        datapath: &Mutex<Datapath>,
+        shared: Arc<ProxyShared>,
+    ) -> Result<Self, EnrollError> {
+        let key = pod.key();
+        let netns_path = pod.netns.clone().ok_or_else(|| EnrollError::MissingPath(key.clone(), "netns"))?;
+        let cgroup = pod.cgroup.clone().ok_or_else(|| EnrollError::MissingPath(key.clone(), "cgroup"))?;
+        let netns = PodNetns::open(&netns_path, format!("netns-{}", pod.name))
+            .map_err(|source| EnrollError::Netns { pod: key.clone(), source })?;
+        let ports = shared.ports;
+        let context = Arc::new(PodContext { key: key.clone(), netns, shared });
+        let mut enrollment = Self {
+            key: key.clone(),
+            cgroup: cgroup.clone(),
+            attachment: None,
+            inbound_ips: Vec::new(),
+            tasks: Vec::new(),
+            context: context.clone(),
+        };
+
+        let listen = |addr: SocketAddr| {
+            let context = context.clone();
+            let key = key.clone();
+            async move {
+                listen_in(&context.netns, addr).await.map_err(|source| EnrollError::Listen {
+                    pod: key,
+                    addr,
+                    source,
+                })
+            }
+        };
+        let v4_loop = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let v6_loop = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        let out4 = listen(SocketAddr::new(v4_loop, ports.outbound)).await?;
+        let out6 = listen(SocketAddr::new(v6_loop, ports.outbound)).await?;
+        let in4 = listen(SocketAddr::new(v4_loop, ports.inbound)).await?;
+        let in6 = listen(SocketAddr::new(v6_loop, ports.inbound)).await?;
+
+        {
+            let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
+            let attached = (|| {
+                for ip in pod.ips() {
+                    let listener = if ip.is_ipv4() { &in4 } else { &in6 };
+                    dp.set_inbound_listener(ip, listener)?;
+                    enrollment.inbound_ips.push(ip);
+                }
+                dp.attach_pod(&cgroup, &netns_path)
+            })();
+            match attached {
+                Ok(attachment) => enrollment.attachment = Some(attachment),
+                Err(source) => {
+                    // Leave nothing behind for a pod that did not make it.
+                    for ip in enrollment.inbound_ips.drain(..) {
+                        dp.remove_inbound_listener(ip);
+                    }
+                    return Err(EnrollError::Datapath { pod: key.clone(), source });
+                }
+            }
+        }
+        for listener in [out4, out6] {
+            enrollment.tasks.push(tokio::spawn(accept_loop(listener, context.clone(), outbound::handle)));
+        }
+        for listener in [in4, in6] {
+            enrollment.tasks.push(tokio::spawn(accept_loop(listener, context.clone(), inbound::handle)));
+        }
+        Ok(enrollment)
+    }
+
+    /// (program, link id) pairs of this pod's attachments.
+    pub fn link_ids(&self) -> Vec<(&'static str, u32)> {
+        self.attachment.as_ref().map(|a| a.link_ids()).unwrap_or_default()
+    }
+
+    /// The pod's netns cookie.
+    pub fn netns_cookie(&self) -> u64 {
+        self.context.netns.cookie()
+    }
+
+    /// Detaches the programs, removes the sk_lookup entries and closes the listeners. Connections
+    /// already being relayed run to completion on their own tasks.
+    pub fn unenroll(mut self, datapath: &Mutex<Datapath>) {
+        self.attachment = None;
+        let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
+        for ip in self.inbound_ips.drain(..) {
+            dp.remove_inbound_listener(ip);
+        }
+    }
+}
+
+impl Drop for Enrollment {
+    fn drop(&mut self) {
+        // Aborting the accept loops drops the listeners, closing them in the pod's netns.
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

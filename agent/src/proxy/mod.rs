@@ -1,0 +1,121 @@
+//! The node proxy: per-pod listeners, the outbound and inbound paths, and what they share.
+
+pub mod balance;
+pub mod inbound;
+pub mod outbound;
+pub mod relay;
+pub mod routes;
+pub mod sockets;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{bpf::OrigDstTable, config::MeshConfig, enroll::netns::PodNetns, events::EventSink};
+use routes::Routes;
+
+/// The proxy's own ports; connections aimed at them directly are refused, never forwarded.
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyPorts {
+    /// In-pod outbound listener (loopback).
+    pub outbound: u16,
+    /// In-pod inbound plaintext listener.
+    pub inbound: u16,
+    /// HBONE tunnel listener.
+    pub tunnel: u16,
+}
+
+impl ProxyPorts {
+    /// Whether `port` is one of the proxy's own ports.
+    pub fn contains(&self, port: u16) -> bool {
+        port == self.outbound || port == self.inbound || port == self.tunnel
+    }
+}
+
+/// The mesh as the proxy sees it: config plus the routing table built from it.
+#[derive(Debug)]
+pub struct MeshState {
+    /// The validated mesh file.
+    pub config: MeshConfig,
+    /// Outbound routing built from `config`.
+    pub routes: Routes,
+}
+
+impl MeshState {
+    /// Builds the state from a config.
+    pub fn new(config: MeshConfig) -> Self {
+        let routes = Routes::build(&config);
+        Self { config, routes }
+    }
+}
+
+/// What every pod's proxy tasks share.
+pub struct ProxyShared {
+    /// Original destinations recorded by the kernel.
+    pub orig_dst: OrigDstTable,
+    /// Event sink (access log).
+    pub events: EventSink,
+    /// The proxy's own ports.
+    pub ports: ProxyPorts,
+    state: RwLock<Arc<MeshState>>,
+    next_conn_id: AtomicU64,
+}
+
+impl ProxyShared {
+    /// Creates the shared state.
+    pub fn new(orig_dst: OrigDstTable, events: EventSink, ports: ProxyPorts, state: MeshState) -> Self {
+        Self { orig_dst, events, ports, state: RwLock::new(Arc::new(state)), next_conn_id: AtomicU64::new(1) }
+    }
+
+    /// The current mesh state (cheap: one Arc clone).
+    pub fn state(&self) -> Arc<MeshState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the mesh state; connections already routed keep what they picked.
+    pub fn set_state(&self, state: MeshState) {
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// One enrolled pod as its proxy tasks see it.
+pub struct PodContext {
+    /// "namespace/name".
+    pub key: String,
+    /// The pod's netns worker.
+    pub netns: PodNetns,
+    /// Shared proxy state.
+    pub shared: Arc<ProxyShared>,
+}
+
+/// Accepts connections forever, handing each to `handle` on its own task. Accept errors such as
+/// EMFILE back off instead of spinning or exiting.
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, pod: Arc<PodContext>, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr, Arc<PodContext>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer, pod.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.key, error = %e, "accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The inbound path: sk_lookup steers plaintext SYNs for an enrolled pod to its inbound listener,
+//! and the proxy hands them to the app over loopback. Loopback inside a pod is left alone.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn inbound_plaintext_is_steered_by_sk_lookup() {
+    let s = Scenario::start("inb").unwrap();
+    for (ip, family) in [(s.servers[0].ipv4().into(), "v4"), (s.servers[0].ipv6().into(), "v6")] {
+        let target = sock(ip, SERVER_PORT);
+        let r = connect(&s.outsider, &target, &["--bytes", "300"]).unwrap();
+        assert_eq!(r["ok"], 1, "{family}: {r}");
+        let e = wait_events(&s.agent, 1, |e| {
+            e["event"] == "conn_close" && e["direction"] == "inbound" && e["orig_dst"] == target.as_str()
+        });
+        assert_eq!(e.len(), 1, "{family}: {:?}", s.agent.events());
+        assert_eq!(e[0]["pod"], "demo/server-1");
+        assert_eq!(e[0]["src"], r["local_addrs"][0], "{family}: the proxy saw the outsider's real address");
+        assert_eq!(e[0]["bytes_sent"], 300);
+        // The app was reached over loopback, with the destination port preserved.
+        let peer = r["peers_seen_by_server"][0].as_str().unwrap();
+        assert!(peer.starts_with("127.0.0.1:") || peer.starts_with("[::1]:"), "{family}: server saw {peer}");
+    }
+}
+
+#[test]
+fn loopback_inside_pod_is_untouched() {
+    let s = Scenario::start("lo").unwrap();
+    let _local = serve(&s.client, 9000, "local").unwrap();
+    for addr in ["127.0.0.1:9000", "[::1]:9000"] {
+        let r = connect(&s.client, addr, &["--bytes", "100"]).unwrap();
+        assert_eq!(r["ok"], 1, "{addr}: {r}");
+        // The server saw the client's own socket: nothing in between.
+        assert_eq!(r["peers_seen_by_server"][0], r["local_addrs"][0], "{addr}: {r}");
+    }
+    // A server pod talking to itself over loopback is not steered inbound either.
+    let r = connect(&s.servers[0], "127.0.0.1:8080", &["--bytes", "100"]).unwrap();
+    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(r["peers_seen_by_server"][0], r["local_addrs"][0]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let events = s.agent.events();
+    assert!(events.iter().all(|e| e.get("direction").is_none()), "no connection touched the proxy: {events:?}");
+}
