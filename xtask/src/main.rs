@@ -1,1 +1,58 @@
-fn main() {}
+//! Project tasks, run as `cargo xtask <task>`: set-up of the toolchain and host packages, build,
+//! test and demo. Depends on nothing in the workspace, because building the agent needs the
+//! toolchain that `setup` installs.
+
+mod build;
+mod cmd;
+mod demo;
+mod paths;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Ferry's project tasks.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "Ferry's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+/// One task; each lives in its own module.
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (root; idempotent, quick when done).
+    Setup {
+        /// Rebuild bpf-linker even when one already runs (after a nightly update, say).
+        #[arg(long)]
+        rebuild_bpf_linker: bool,
+    },
+    /// Set up, then build every binary and test.
+    Build,
+    /// Set up, sweep stale test leftovers, then run the tests, rustfmt and clippy.
+    Test,
+    /// Set up, build, then run the demo on a simulated node.
+    Demo,
+}
+
+/// Prints the error chain without a backtrace: these errors explain themselves.
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup { rebuild_bpf_linker } => setup::run(&setup::Options { rebuild_bpf_linker }),
+        Task::Build => build::run(),
+        Task::Test => test::run(),
+        Task::Demo => demo::run(),
+    }
+}
