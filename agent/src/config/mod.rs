@@ -1,0 +1,225 @@
+//! The standalone mesh file: a TOML description of the node, its capture settings, the pods and the
+//! services, read into a validated model with the lookups the proxy makes per connection.
+//!
+//! ```toml
+//! node = "node-a"
+//! trust_domain = "cluster.local"
+//!
+//! [capture]
+//! exclude_ports = [22]
+//! exclude_cidrs = ["169.254.0.0/16"]
+//!
+//! [[pods]]
+//! name = "client"
+//! namespace = "demo"
+//! service_account = "client"
+//! netns = "/var/run/netns/client"
+//! cgroup = "/sys/fs/cgroup/ferry/client"
+//! ips = ["10.233.1.2"]
+//!
+//! [[services]]
+//! name = "echo"
+//! namespace = "demo"
+//! vips = ["10.96.0.10"]
+//! ports = [{ port = 80, target_port = 8080 }]
+//! endpoints = ["client"]
+//! ```
+
+mod error;
+mod names;
+mod schema;
+mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+pub use error::{ConfigError, Location};
+
+/// The trust domain of SPIFFE identities when the file names none.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// The validated mesh file. Built only by [`MeshConfig::parse`] or [`MeshConfig::load`]; treat it as
+/// read-only, since the lookup indexes are built once from the fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshConfig {
+    /// This agent's node name: pods on it are local (enrolled).
+    pub node: String,
+    /// The SPIFFE trust domain of every identity in the mesh.
+    pub trust_domain: String,
+    /// What the kernel programs leave alone and where they steer the rest.
+    pub capture: CaptureSettings,
+    /// Every pod of the mesh, local or not, in file order.
+    pub pods: Vec<Pod>,
+    /// Every service of the mesh, in file order.
+    pub services: Vec<Service>,
+    index: Index,
+}
+
+/// Lookup tables built at parse time; the values are indexes into `pods` and `services`.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Index {
+    pod_by_ip: HashMap<IpAddr, usize>,
+    /// (service index, port index) by VIP and service port.
+    service_by_vip: HashMap<SocketAddr, (usize, usize)>,
+}
+
+/// Capture settings shared by every local pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureSettings {
+    /// Destination ports never captured (SSH, say).
+    pub exclude_ports: Vec<u16>,
+    /// Destination networks never captured.
+    pub exclude_cidrs: Vec<ipnet::IpNet>,
+    /// The in-pod listener that outbound connects are steered to.
+    pub outbound_port: u16,
+    /// The in-pod plaintext listener that inbound connections are steered to.
+    pub inbound_port: u16,
+    /// The in-pod HBONE (mTLS tunnel) listener on the pod IP.
+    pub tunnel_port: u16,
+}
+
+impl Default for CaptureSettings {
+    fn default() -> Self {
+        Self {
+            exclude_ports: Vec::new(),
+            exclude_cidrs: Vec::new(),
+            outbound_port: 15001,
+            inbound_port: 15006,
+            tunnel_port: 15008,
+        }
+    }
+}
+
+/// A workload of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    /// The pod's name, unique in its namespace.
+    pub name: String,
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The service account that its SPIFFE identity names.
+    pub service_account: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Its network namespace file; always present for local pods.
+    pub netns: Option<PathBuf>,
+    /// Its cgroup v2 directory; always present for local pods.
+    pub cgroup: Option<PathBuf>,
+    /// Its IPv4 address, if it has one.
+    pub ipv4: Option<Ipv4Addr>,
+    /// Its IPv6 address, if it has one.
+    pub ipv6: Option<Ipv6Addr>,
+    /// Whether it also accepts plaintext from outside the mesh.
+    pub mode: Mode,
+}
+
+impl Pod {
+    /// "namespace/name", unique in the mesh.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the pod runs on `node`.
+    pub fn is_local(&self, node: &str) -> bool {
+        self.node == node
+    }
+
+    /// Its addresses, IPv4 first.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ipv4.map(IpAddr::V4).into_iter().chain(self.ipv6.map(IpAddr::V6))
+    }
+}
+
+/// A pod's inbound security mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Only mTLS from the mesh; plaintext inbound is refused.
+    Strict,
+    /// mTLS from the mesh and plaintext from outside it.
+    #[default]
+    Permissive,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Strict => "strict",
+            Mode::Permissive => "permissive",
+        })
+    }
+}
+
+/// A service: virtual IPs and ports balanced over pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// The service's name, unique in its namespace.
+    pub name: String,
+    /// The service's namespace.
+    pub namespace: String,
+    /// Its virtual addresses.
+    pub vips: Vec<IpAddr>,
+    /// Its ports, each unique in the service.
+    pub ports: Vec<ServicePort>,
+    /// Its endpoints, as indexes into [`MeshConfig::pods`].
+    pub endpoints: Vec<usize>,
+}
+
+impl Service {
+    /// "namespace/name", unique in the mesh.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A service port and the endpoint port it forwards to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServicePort {
+    /// The port clients connect to on a VIP.
+    pub port: u16,
+    /// The port on the endpoint pods.
+    pub target_port: u16,
+}
+
+impl MeshConfig {
+    /// Parses and validates the text of a mesh file.
+    pub fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
+        validate::validate(schema::read(text)?)
+    }
+
+    /// Reads, parses and validates the mesh file at `path`; errors name the file.
+    pub fn load(path: &Path) -> Result<MeshConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            kind: e.kind(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|e| ConfigError::File { path: path.to_owned(), source: Box::new(e) })
+    }
+
+    /// The pods on this node, which the agent enrolls.
+    pub fn local_pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.iter().filter(|p| p.is_local(&self.node))
+    }
+
+    /// The pod with address `ip` (an IPv4-mapped IPv6 address finds the IPv4 pod).
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.index.pod_by_ip.get(&ip.to_canonical()).and_then(|&i| self.pods.get(i))
+    }
+
+    /// The service and service port at `vip`:`port` (an IPv4-mapped IPv6 address finds IPv4 VIPs).
+    pub fn service_by_vip(&self, vip: IpAddr, port: u16) -> Option<(&Service, &ServicePort)> {
+        let &(s, p) = self.index.service_by_vip.get(&SocketAddr::new(vip.to_canonical(), port))?;
+        let service = self.services.get(s)?;
+        Some((service, service.ports.get(p)?))
+    }
+
+    /// The endpoint pods of `service`.
+    pub fn endpoints<'a>(&'a self, service: &'a Service) -> impl Iterator<Item = &'a Pod> + 'a {
+        service.endpoints.iter().filter_map(|&i| self.pods.get(i))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,509 @@
+//! Turns the raw file into the typed [`MeshConfig`], checking every value and every cross-reference.
+//!
+//! Checks run in file order and stop at the first error, whose path and message name the bad value.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use super::error::ConfigError;
+use super::schema::{RawCapture, RawConfig, RawPod, RawService};
+use super::{
+    CaptureSettings, DEFAULT_TRUST_DOMAIN, Index, MeshConfig, Mode, Pod, Service, ServicePort, names,
+};
+
+/// Validates `raw` and builds the lookup indexes.
+pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
+    names::dns_subdomain(&raw.node).map_err(|m| ConfigError::invalid("node", m))?;
+    let trust_domain = raw.trust_domain.unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+    names::trust_domain(&trust_domain).map_err(|m| ConfigError::invalid("trust_domain", m))?;
+    let capture = raw.capture.map(capture).transpose()?.unwrap_or_default();
+
+    let mut index = Index::default();
+    let mut pod_names = HashMap::new();
+    let mut pods: Vec<Pod> = Vec::with_capacity(raw.pods.len());
+    for (i, raw_pod) in raw.pods.into_iter().enumerate() {
+        let path = format!("pods[{i}]");
+        let pod =
+            pod(&path, raw_pod, &raw.node, |ip| index.pod_by_ip.get(&ip).map(|&other| pods[other].key()))?;
+        unique_name(&mut pod_names, &path, &pod.namespace, &pod.name, i)?;
+        index.pod_by_ip.extend(pod.ips().map(|ip| (ip, i)));
+        pods.push(pod);
+    }
+
+    let mut service_names = HashMap::new();
+    let mut services = Vec::with_capacity(raw.services.len());
+    for (i, raw_service) in raw.services.into_iter().enumerate() {
+        let path = format!("services[{i}]");
+        let service = service(&path, raw_service, &pod_names)?;
+        unique_name(&mut service_names, &path, &service.namespace, &service.name, i)?;
+        for (v, &vip) in service.vips.iter().enumerate() {
+            if let Some(pod) = index.pod_by_ip.get(&vip).map(|&p| &pods[p]) {
+                let msg = format!("{:?} is the address of pod {:?}", vip.to_string(), pod.key());
+                return Err(ConfigError::invalid(format!("{path}.vips[{v}]"), msg));
+            }
+            for (p, port) in service.ports.iter().enumerate() {
+                match index.service_by_vip.entry(SocketAddr::new(vip, port.port)) {
+                    Entry::Occupied(taken) => {
+                        let other: &Service = &services[taken.get().0];
+                        let msg = format!("{} is already used by service {:?}", taken.key(), other.key());
+                        return Err(ConfigError::invalid(format!("{path}.vips[{v}]"), msg));
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert((i, p));
+                    }
+                }
+            }
+        }
+        services.push(service);
+    }
+
+    Ok(MeshConfig { node: raw.node, trust_domain, capture, pods, services, index })
+}
+
+fn capture(raw: RawCapture) -> Result<CaptureSettings, ConfigError> {
+    let defaults = CaptureSettings::default();
+    let mut exclude_ports = Vec::with_capacity(raw.exclude_ports.len());
+    for (i, &value) in raw.exclude_ports.iter().enumerate() {
+        let path = format!("capture.exclude_ports[{i}]");
+        let port = valid_port(&path, value)?;
+        if exclude_ports.contains(&port) {
+            return Err(ConfigError::invalid(path, format!("{port} is listed twice")));
+        }
+        exclude_ports.push(port);
+    }
+    let mut exclude_cidrs = Vec::with_capacity(raw.exclude_cidrs.len());
+    for (i, text) in raw.exclude_cidrs.iter().enumerate() {
+        let path = format!("capture.exclude_cidrs[{i}]");
+        let net: ipnet::IpNet = text.parse().map_err(|_| {
+            ConfigError::invalid(&path, format!("{text:?} is not a CIDR such as \"10.0.0.0/8\""))
+        })?;
+        if net.trunc() != net {
+            let msg = format!("{text:?} has host bits set; the network is \"{}\"", net.trunc());
+            return Err(ConfigError::invalid(path, msg));
+        }
+        if exclude_cidrs.contains(&net) {
+            return Err(ConfigError::invalid(path, format!("{text:?} is listed twice")));
+        }
+        exclude_cidrs.push(net);
+    }
+
+    let [outbound_port, inbound_port, tunnel_port] = proxy_ports([
+        ("outbound_port", raw.outbound_port, defaults.outbound_port),
+        ("inbound_port", raw.inbound_port, defaults.inbound_port),
+        ("tunnel_port", raw.tunnel_port, defaults.tunnel_port),
+    ])?;
+    Ok(CaptureSettings { exclude_ports, exclude_cidrs, outbound_port, inbound_port, tunnel_port })
+}
+
+/// The proxy's listener ports, given as (name, value, default): each valid and all distinct.
+fn proxy_ports(ports: [(&str, Option<i64>, u16); 3]) -> Result<[u16; 3], ConfigError> {
+    let mut values = [0; 3];
+    for (i, &(name, value, default)) in ports.iter().enumerate() {
+        values[i] = value.map(|v| valid_port(&format!("capture.{name}"), v)).transpose()?.unwrap_or(default);
+        let Some(j) = values[..i].iter().position(|&earlier| earlier == values[i]) else { continue };
+        // Blame a port the file sets rather than one left at its default.
+        let (blamed, other) = if ports[i].1.is_some() { (i, j) } else { (j, i) };
+        let note = if ports[other].1.is_none() { " (its default)" } else { "" };
+        let msg = format!("{} is also the {}{note}", values[i], ports[other].0);
+        return Err(ConfigError::invalid(format!("capture.{}", ports[blamed].0), msg));
+    }
+    Ok(values)
+}
+
+/// Validates one pod; `owner` names the pod that already has an address, if any.
+fn pod(
+    path: &str,
+    raw: RawPod,
+    this_node: &str,
+    owner: impl Fn(IpAddr) -> Option<String>,
+) -> Result<Pod, ConfigError> {
+    let field = |name: &str| format!("{path}.{name}");
+    names::dns_label(&raw.name).map_err(|m| ConfigError::invalid(field("name"), m))?;
+    names::dns_label(&raw.namespace).map_err(|m| ConfigError::invalid(field("namespace"), m))?;
+    names::dns_subdomain(&raw.service_account)
+        .map_err(|m| ConfigError::invalid(field("service_account"), m))?;
+    let node = raw.node.unwrap_or_else(|| this_node.to_owned());
+    names::dns_subdomain(&node).map_err(|m| ConfigError::invalid(field("node"), m))?;
+    let local = node == this_node;
+    let netns = host_path(&field("netns"), raw.netns, local, this_node)?;
+    let cgroup = host_path(&field("cgroup"), raw.cgroup, local, this_node)?;
+
+    if raw.ips.is_empty() {
+        return Err(ConfigError::invalid(field("ips"), "at least one address is required"));
+    }
+    let (mut ipv4, mut ipv6) = (None, None);
+    for (j, text) in raw.ips.iter().enumerate() {
+        let path = format!("{path}.ips[{j}]");
+        let ip = address(&path, text)?;
+        if let Some(other) = owner(ip) {
+            let msg = format!("{text:?} is already the address of pod {other:?}");
+            return Err(ConfigError::invalid(path, msg));
+        }
+        match ip {
+            IpAddr::V4(ip) if ipv4.is_none() => ipv4 = Some(ip),
+            IpAddr::V6(ip) if ipv6.is_none() => ipv6 = Some(ip),
+            ip => {
+                let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+                let msg = format!("{text:?} is a second {family} address; a pod has at most one of each");
+                return Err(ConfigError::invalid(path, msg));
+            }
+        }
+    }
+
+    let mode = match raw.mode.as_deref() {
+        None | Some("permissive") => Mode::Permissive,
+        Some("strict") => Mode::Strict,
+        Some(other) => {
+            let msg = format!("{other:?} is not a mode; use \"strict\" or \"permissive\"");
+            return Err(ConfigError::invalid(field("mode"), msg));
+        }
+    };
+
+    Ok(Pod {
+        name: raw.name,
+        namespace: raw.namespace,
+        service_account: raw.service_account,
+        node,
+        netns,
+        cgroup,
+        ipv4,
+        ipv6,
+        mode,
+    })
+}
+
+/// A netns or cgroup path: absolute when given, and required for pods on this node.
+fn host_path(
+    path: &str,
+    value: Option<String>,
+    local: bool,
+    this_node: &str,
+) -> Result<Option<PathBuf>, ConfigError> {
+    match value {
+        None if local => {
+            let msg = format!("missing; it is required for pods on this node ({this_node:?})");
+            Err(ConfigError::invalid(path, msg))
+        }
+        None => Ok(None),
+        Some(text) if !text.starts_with('/') => {
+            Err(ConfigError::invalid(path, format!("{text:?} must be an absolute path")))
+        }
+        Some(text) => Ok(Some(PathBuf::from(text))),
+    }
+}
+
+/// `(namespace, name)` to the index of the entry that holds it.
+type NameIndex = HashMap<(String, String), usize>;
+
+/// Records `name` in `namespace`, failing when an earlier entry holds it.
+fn unique_name(
+    seen: &mut NameIndex,
+    path: &str,
+    namespace: &str,
+    name: &str,
+    index: usize,
+) -> Result<(), ConfigError> {
+    match seen.entry((namespace.to_owned(), name.to_owned())) {
+        Entry::Occupied(_) => {
+            let msg = format!("{name:?} is already used in namespace {namespace:?}");
+            Err(ConfigError::invalid(format!("{path}.name"), msg))
+        }
+        Entry::Vacant(slot) => {
+            slot.insert(index);
+            Ok(())
+        }
+    }
+}
+
+fn service(path: &str, raw: RawService, pods: &NameIndex) -> Result<Service, ConfigError> {
+    let field = |name: &str| format!("{path}.{name}");
+    names::dns_label(&raw.name).map_err(|m| ConfigError::invalid(field("name"), m))?;
+    names::dns_label(&raw.namespace).map_err(|m| ConfigError::invalid(field("namespace"), m))?;
+
+    if raw.vips.is_empty() {
+        return Err(ConfigError::invalid(field("vips"), "at least one address is required"));
+    }
+    let mut vips = Vec::with_capacity(raw.vips.len());
+    for (v, text) in raw.vips.iter().enumerate() {
+        let path = format!("{path}.vips[{v}]");
+        let vip = address(&path, text)?;
+        if vips.contains(&vip) {
+            return Err(ConfigError::invalid(path, format!("{text:?} is listed twice")));
+        }
+        vips.push(vip);
+    }
+
+    if raw.ports.is_empty() {
+        return Err(ConfigError::invalid(field("ports"), "at least one port is required"));
+    }
+    let mut ports: Vec<ServicePort> = Vec::with_capacity(raw.ports.len());
+    for (p, raw_port) in raw.ports.iter().enumerate() {
+        let path = format!("{path}.ports[{p}]");
+        let port = valid_port(&format!("{path}.port"), raw_port.port)?;
+        if ports.iter().any(|other| other.port == port) {
+            return Err(ConfigError::invalid(format!("{path}.port"), format!("{port} is listed twice")));
+        }
+        let target_port = match raw_port.target_port {
+            Some(value) => valid_port(&format!("{path}.target_port"), value)?,
+            None => port,
+        };
+        ports.push(ServicePort { port, target_port });
+    }
+
+    if raw.endpoints.is_empty() {
+        return Err(ConfigError::invalid(field("endpoints"), "at least one endpoint pod is required"));
+    }
+    let mut endpoints = Vec::with_capacity(raw.endpoints.len());
+    for (e, name) in raw.endpoints.iter().enumerate() {
+        let path = format!("{path}.endpoints[{e}]");
+        let Some(&pod) = pods.get(&(raw.namespace.clone(), name.clone())) else {
+            let msg = format!("no pod {name:?} in namespace {:?}", raw.namespace);
+            return Err(ConfigError::invalid(path, msg));
+        };
+        if endpoints.contains(&pod) {
+            return Err(ConfigError::invalid(path, format!("{name:?} is listed twice")));
+        }
+        endpoints.push(pod);
+    }
+
+    Ok(Service { name: raw.name, namespace: raw.namespace, vips, ports, endpoints })
+}
+
+/// A TCP port: 1 to 65535.
+fn valid_port(path: &str, value: i64) -> Result<u16, ConfigError> {
+    match u16::try_from(value) {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(ConfigError::invalid(path, format!("{value} is not a valid port (1-65535)"))),
+    }
+}
+
+/// A unicast address a pod or VIP can have.
+fn address(path: &str, text: &str) -> Result<IpAddr, ConfigError> {
+    let ip: IpAddr =
+        text.parse().map_err(|_| ConfigError::invalid(path, format!("{text:?} is not an IP address")))?;
+    let why = match ip {
+        _ if ip.is_unspecified() => "the unspecified address",
+        _ if ip.is_loopback() => "a loopback address",
+        _ if ip.is_multicast() => "a multicast address",
+        IpAddr::V4(v4) if v4.is_broadcast() => "the broadcast address",
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            "an IPv4-mapped IPv6 address; write the IPv4 address"
+        }
+        _ => return Ok(ip),
+    };
+    Err(ConfigError::invalid(path, format!("{text:?} is {why}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid file that each bad case below breaks in one place.
+    const BASE: &str = include_str!("testdata/mesh.toml");
+
+    fn error(text: &str) -> String {
+        match MeshConfig::parse(text) {
+            Ok(_) => panic!("accepted a bad file:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn bad_files_name_field_and_value() {
+        let pod = |extra: &str| {
+            format!(
+                "{BASE}\n[[pods]]\nname = \"p\"\nnamespace = \"demo\"\nservice_account = \"p\"\n\
+                 node = \"node-c\"\n{extra}\n"
+            )
+        };
+        let svc = |extra: &str| format!("{BASE}\n[[services]]\nnamespace = \"demo\"\n{extra}\n");
+        let cases: Vec<(String, &str)> = vec![
+            // TOML syntax and structure.
+            ("node = \"a\"\n[capture\n".into(), "TOML syntax error at line 2, column"),
+            ("node = \"a\"\nnode = \"b\"\n".into(), "TOML syntax error at line 2, column 1: duplicate key"),
+            ("trust_domain = \"x\"\n".into(), "missing field \"node\""),
+            (
+                format!("nodes = 1\n{BASE}"),
+                "unknown field \"nodes\", expected one of \"node\", \"trust_domain\"",
+            ),
+            ("node = \"a\"\n[[pods]]\nipz = []\n".into(), "pods[0]: unknown field \"ipz\""),
+            (pod("ips = \"10.0.0.1\""), "pods[3].ips: invalid type: string \"10.0.0.1\", expected an array"),
+            (
+                svc("ports = [{ port = 1, targetport = 2 }]"),
+                "services[1].ports[0]: unknown field \"targetport\"",
+            ),
+            // Top level.
+            ("node = \"Node_A\"\n".into(), "node: \"Node_A\" is not a valid DNS subdomain"),
+            (
+                "node = \"a\"\ntrust_domain = \"Cluster.Local\"\n".into(),
+                "trust_domain: \"Cluster.Local\" is not a valid trust domain",
+            ),
+            // Capture.
+            (
+                "node = \"a\"\n[capture]\nexclude_ports = [0]\n".into(),
+                "capture.exclude_ports[0]: 0 is not a valid port",
+            ),
+            (
+                "node = \"a\"\n[capture]\nexclude_ports = [22, 70000]\n".into(),
+                "capture.exclude_ports[1]: 70000 is not a valid port",
+            ),
+            (
+                "node = \"a\"\n[capture]\nexclude_ports = [22, 22]\n".into(),
+                "capture.exclude_ports[1]: 22 is listed twice",
+            ),
+            (
+                "node = \"a\"\n[capture]\nexclude_cidrs = [\"10.0.0.0\"]\n".into(),
+                "capture.exclude_cidrs[0]: \"10.0.0.0\" is not a CIDR",
+            ),
+            (
+                "node = \"a\"\n[capture]\nexclude_cidrs = [\"10.1.0.0/8\"]\n".into(),
+                "\"10.1.0.0/8\" has host bits set; the network is \"10.0.0.0/8\"",
+            ),
+            (
+                "node = \"a\"\n[capture]\ninbound_port = 15001\n".into(),
+                "capture.inbound_port: 15001 is also the outbound_port (its default)",
+            ),
+            (
+                "node = \"a\"\n[capture]\ntunnel_port = 15006\n".into(),
+                "capture.tunnel_port: 15006 is also the inbound_port (its default)",
+            ),
+            (
+                "node = \"a\"\n[capture]\noutbound_port = 0\n".into(),
+                "capture.outbound_port: 0 is not a valid port",
+            ),
+            // Pods.
+            (pod("ips = [\"10.0.0.300\"]"), "pods[3].ips[0]: \"10.0.0.300\" is not an IP address"),
+            (pod("ips = []"), "pods[3].ips: at least one address is required"),
+            (
+                pod("ips = [\"10.0.0.1\", \"10.0.0.2\"]"),
+                "pods[3].ips[1]: \"10.0.0.2\" is a second IPv4 address",
+            ),
+            (pod("ips = [\"fd00::1\", \"fd00::2\"]"), "pods[3].ips[1]: \"fd00::2\" is a second IPv6 address"),
+            (pod("ips = [\"127.0.0.1\"]"), "pods[3].ips[0]: \"127.0.0.1\" is a loopback address"),
+            (
+                pod("ips = [\"::ffff:10.0.0.1\"]"),
+                "pods[3].ips[0]: \"::ffff:10.0.0.1\" is an IPv4-mapped IPv6 address",
+            ),
+            (
+                pod("ips = [\"10.233.1.2\"]"),
+                "pods[3].ips[0]: \"10.233.1.2\" is already the address of pod \"demo/client\"",
+            ),
+            (
+                pod("ips = [\"fd00:233:1::3\", \"10.0.0.9\"]"),
+                "pods[3].ips[0]: \"fd00:233:1::3\" is already the address of pod \"demo/server-1\"",
+            ),
+            (pod("ips = [\"10.0.0.1\"]\nmode = \"STRICT\""), "pods[3].mode: \"STRICT\" is not a mode"),
+            (
+                pod("ips = [\"10.0.0.1\"]\nnetns = \"relative/path\""),
+                "pods[3].netns: \"relative/path\" must be an absolute path",
+            ),
+            (
+                BASE.replace("name = \"server-1\"", "name = \"client\""),
+                "pods[1].name: \"client\" is already used in namespace \"demo\"",
+            ),
+            (
+                BASE.replace("name = \"client\"", "name = \"Client\""),
+                "pods[0].name: \"Client\" is not a valid DNS label",
+            ),
+            (
+                BASE.replace(
+                    "namespace = \"demo\"\nservice_account = \"client\"",
+                    "namespace = \"demo\"\nservice_account = \"a..b\"",
+                ),
+                "pods[0].service_account: \"a..b\" is not a valid DNS subdomain",
+            ),
+            (
+                BASE.replace("netns = \"/var/run/netns/client\"\n", ""),
+                "pods[0].netns: missing; it is required for pods on this node (\"node-a\")",
+            ),
+            (
+                BASE.replace("cgroup = \"/sys/fs/cgroup/unified/ferry/client\"", "cgroup = \"sys/fs\""),
+                "pods[0].cgroup: \"sys/fs\" must be an absolute path",
+            ),
+            // Services.
+            (
+                svc(
+                    "name = \"e2\"\nvips = [\"10.96.0.11\"]\nports = [{ port = 80 }]\nendpoints = [\"server-1\", \"server-9\"]",
+                ),
+                "services[1].endpoints[1]: no pod \"server-9\" in namespace \"demo\"",
+            ),
+            (
+                svc("name = \"e2\"\nvips = [\"10.96.0.11\"]\nports = [{ port = 80 }]\nendpoints = []"),
+                "services[1].endpoints: at least one endpoint pod is required",
+            ),
+            (
+                svc(
+                    "name = \"e2\"\nvips = [\"10.96.0.10\"]\nports = [{ port = 80 }]\nendpoints = [\"client\"]",
+                ),
+                "services[1].vips[0]: 10.96.0.10:80 is already used by service \"demo/echo\"",
+            ),
+            (
+                svc(
+                    "name = \"e2\"\nvips = [\"10.233.1.2\"]\nports = [{ port = 80 }]\nendpoints = [\"client\"]",
+                ),
+                "services[1].vips[0]: \"10.233.1.2\" is the address of pod \"demo/client\"",
+            ),
+            (
+                svc(
+                    "name = \"e2\"\nvips = [\"10.96.0.11\", \"10.96.0.11\"]\nports = [{ port = 80 }]\nendpoints = [\"client\"]",
+                ),
+                "services[1].vips[1]: \"10.96.0.11\" is listed twice",
+            ),
+            (
+                svc("name = \"e2\"\nvips = []\nports = [{ port = 80 }]\nendpoints = [\"client\"]"),
+                "services[1].vips: at least one address is required",
+            ),
+            (
+                svc(
+                    "name = \"e2\"\nvips = [\"10.96.0.11\"]\nports = [{ port = 80, target_port = 0 }]\nendpoints = [\"client\"]",
+                ),
+                "services[1].ports[0].target_port: 0 is not a valid port",
+            ),
+            (
+                svc(
+                    "name = \"e2\"\nvips = [\"10.96.0.11\"]\nports = [{ port = 80 }, { port = 80 }]\nendpoints = [\"client\"]",
+                ),
+                "services[1].ports[1].port: 80 is listed twice",
+            ),
+            (
+                svc("name = \"e2\"\nvips = [\"10.96.0.11\"]\nports = []\nendpoints = [\"client\"]"),
+                "services[1].ports: at least one port is required",
+            ),
+            (
+                svc(
+                    "name = \"echo\"\nvips = [\"10.96.0.11\"]\nports = [{ port = 80 }]\nendpoints = [\"client\"]",
+                ),
+                "services[1].name: \"echo\" is already used in namespace \"demo\"",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = error(&text);
+            assert!(message.contains(expected), "expected {expected:?} in {message:?}\nfor file:\n{text}");
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let text = "node = \"node-a\"\n[[pods]]\nname = \"p\"\nnamespace = \"demo\"\n\
+                    service_account = \"p\"\nnetns = \"/n\"\ncgroup = \"/c\"\nips = [\"10.0.0.1\"]\n";
+        let config = MeshConfig::parse(text).expect("valid");
+        assert_eq!(config.trust_domain, DEFAULT_TRUST_DOMAIN);
+        assert_eq!(config.capture, CaptureSettings::default());
+        assert_eq!((config.pods[0].node.as_str(), config.pods[0].mode), ("node-a", Mode::Permissive));
+        assert!(config.services.is_empty());
+    }
+
+    #[test]
+    fn same_vip_on_other_port_and_same_name_in_other_namespace_are_fine() {
+        let text = format!(
+            "{BASE}\n[[services]]\nname = \"echo\"\nnamespace = \"other\"\nvips = [\"10.96.0.10\"]\n\
+             ports = [{{ port = 81 }}]\nendpoints = [\"client\"]\n\n[[pods]]\nname = \"client\"\n\
+             namespace = \"other\"\nservice_account = \"client\"\nnode = \"node-b\"\nips = [\"10.233.3.3\"]\n"
+        );
+        let config = MeshConfig::parse(&text).expect("valid");
+        assert_eq!(config.services[1].endpoints, vec![3]);
+        assert_eq!(config.services[1].ports, vec![ServicePort { port: 81, target_port: 81 }]);
+    }
+}
