@@ -4,4 +4,5 @@ pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod events;
+pub mod identity;
 pub mod proxy;
