@@ -4,5 +4,6 @@ pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod events;
+pub mod hbone;
 pub mod identity;
 pub mod proxy;

@@ -1,11 +1,13 @@
-//! Copies bytes both ways between two TCP streams, relaying half-close in each direction.
+//! Copies bytes both ways between two byte streams (TCP sockets, HBONE tunnels), relaying
+//! half-close in each direction.
 
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Per-direction buffer. Large enough for bulk transfers to move in few syscalls, small enough that
 /// thousands of idle connections stay cheap.
@@ -40,47 +42,103 @@ impl std::fmt::Display for CloseReason {
 
 /// Relays until both directions reach EOF or one fails. When one side half-closes, the write half of
 /// the other side is shut down, so the peer sees the EOF and can still send its reply.
-pub async fn relay(downstream: &mut TcpStream, upstream: &mut TcpStream, stats: &RelayStats) -> CloseReason {
-    let (mut dr, mut dw) = downstream.split();
-    let (mut ur, mut uw) = upstream.split();
-    let up = copy_half(&mut dr, &mut uw, &stats.sent);
-    let down = copy_half(&mut ur, &mut dw, &stats.received);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        let result = tokio::select! {
-            r = &mut up, if !up_done => { up_done = true; r }
-            r = &mut down, if !down_done => { down_done = true; r }
-        };
-        if let Err(e) = result {
-            // Dropping the other direction closes both sockets when the caller drops them.
-            return CloseReason::Error(e.to_string());
-        }
+pub async fn relay<D, U>(downstream: &mut D, upstream: &mut U, stats: &RelayStats) -> CloseReason
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Direction::new(&stats.sent);
+    let mut down = Direction::new(&stats.received);
+    // Both directions are polled from one future over the two `&mut` streams, so neither stream
+    // has to be split.
+    let result: io::Result<()> = poll_fn(|cx| {
+        let up_done = up.poll(cx, &mut *downstream, &mut *upstream)?.is_ready();
+        let down_done = down.poll(cx, &mut *upstream, &mut *downstream)?.is_ready();
+        if up_done && down_done { Poll::Ready(Ok(())) } else { Poll::Pending }
+    })
+    .await;
+    match result {
+        Ok(()) => CloseReason::Eof,
+        // Dropping the other direction closes both sockets when the caller drops them.
+        Err(e) => CloseReason::Error(e.to_string()),
     }
-    CloseReason::Eof
 }
 
-async fn copy_half<R, W>(reader: &mut R, writer: &mut W, counter: &AtomicU64) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUF_SIZE];
-    loop {
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            // shutdown(SHUT_WR): relays the half-close.
-            return writer.shutdown().await;
+/// One direction: read into the buffer, write it all out, and on EOF shut the writer down.
+struct Direction<'a> {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    read_eof: bool,
+    done: bool,
+    /// Bytes written since the last flush.
+    unflushed: bool,
+    counter: &'a AtomicU64,
+}
+
+impl<'a> Direction<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        Self {
+            buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            read_eof: false,
+            done: false,
+            unflushed: false,
+            counter,
         }
-        writer.write_all(&buf[..n]).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, reader: &mut R, writer: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        while !self.done {
+            if self.start == self.end && !self.read_eof {
+                let mut read_buf = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+                    Poll::Ready(result) => result?,
+                    Poll::Pending => {
+                        // Nothing more to send for now: push out what the writer may hold back.
+                        if self.unflushed {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                            self.unflushed = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+                let n = read_buf.filled().len();
+                if n == 0 {
+                    self.read_eof = true;
+                } else {
+                    (self.start, self.end) = (0, n);
+                }
+            }
+            while self.start < self.end {
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.unflushed = true;
+                self.counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            if self.read_eof {
+                // shutdown(SHUT_WR) on a socket, END_STREAM on a tunnel: relays the half-close.
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.done = true;
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
 
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
