@@ -1,0 +1,191 @@
+//! Running the Ferry agent on a simulated node and reading its JSON-lines events.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::{ChildGuard, SimNode, bin_path};
+
+/// How long [`Agent::start`] waits for the `ready` event.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Agent::stop`] waits after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running agent (`ferry run`) in a node's network namespace, in no pod's cgroup. Its mesh file,
+/// events and logs live in a temporary directory. Dropping it kills the agent; dropping it during
+/// a panic also prints its stderr and events to help the failing test.
+#[derive(Debug)]
+pub struct Agent {
+    /// In a mutex so waiting (which reaps on exit) works through a shared reference.
+    child: Mutex<ChildGuard>,
+    pid: u32,
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts `ferry run --config DIR/mesh.toml --events DIR/events.jsonl` in `node`'s netns and
+    /// waits for its `{"event":"ready"}` line.
+    pub fn start(node: &SimNode, mesh_toml: &str) -> Result<Agent> {
+        Self::start_program(node, &bin_path("ferry"), mesh_toml)
+    }
+
+    /// [`Agent::start`] with another program in place of the `ferry` binary.
+    pub fn start_program(node: &SimNode, program: &Path, mesh_toml: &str) -> Result<Agent> {
+        let dir =
+            tempfile::Builder::new().prefix("ferry-agent-").tempdir().context("cannot create a temp dir")?;
+        let mesh = dir.path().join("mesh.toml");
+        std::fs::write(&mesh, mesh_toml).with_context(|| format!("cannot write {}", mesh.display()))?;
+        let events = dir.path().join("events.jsonl");
+        let log = |name: &str| -> Result<File> {
+            let path = dir.path().join(name);
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))
+        };
+        // Logs go to files rather than pipes: nothing to drain, and they outlive the process.
+        let mut cmd = node.command(program);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&mesh)
+            .arg("--events")
+            .arg(&events)
+            .stdin(Stdio::null())
+            .stdout(log("stdout.log")?)
+            .stderr(log("stderr.log")?);
+        let child = node.spawn(cmd)?;
+        let agent = Agent { pid: child.pid(), child: Mutex::new(child), dir };
+        agent
+            .wait_for_event(|e| e["event"] == "ready", READY_TIMEOUT)
+            .with_context(|| format!("agent on node {} did not become ready", node.name()))?;
+        Ok(agent)
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn child(&self) -> MutexGuard<'_, ChildGuard> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The directory holding mesh.toml, events.jsonl, stdout.log and stderr.log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The events file.
+    pub fn events_path(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
+    /// Rewrites the mesh file (for hot-reload tests).
+    pub fn write_mesh(&self, mesh_toml: &str) -> Result<()> {
+        let path = self.dir.path().join("mesh.toml");
+        // Write then rename, so the agent never reads half a file.
+        let tmp = self.dir.path().join("mesh.toml.tmp");
+        std::fs::write(&tmp, mesh_toml).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))
+    }
+
+    /// All complete event lines so far, parsed. Panics, quoting the line, on a line that is not JSON.
+    pub fn events(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.events_path()).unwrap_or_default();
+        parse_events(&text)
+    }
+
+    /// What the agent wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for an event matching `pred`; an error if the agent exits first or
+    /// time runs out (naming the last events and stderr).
+    pub fn wait_for_event(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(event) = self.events().into_iter().find(|e| pred(e)) {
+                return Ok(event);
+            }
+            if let Some(status) = self.child().try_wait()? {
+                bail!("agent exited ({status}) before the event\nstderr:\n{}", self.stderr());
+            }
+            if Instant::now() >= deadline {
+                let events = self.events();
+                let tail = &events[events.len().saturating_sub(10)..];
+                bail!(
+                    "no matching event within {timeout:?}; last events: {}\nstderr:\n{}",
+                    serde_json::to_string(tail).unwrap_or_default(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits up to [`STOP_TIMEOUT`] for the agent to exit; an error (after
+    /// SIGKILL) if it does not.
+    pub fn stop(self) -> Result<ExitStatus> {
+        let mut child = self.child();
+        child.signal(libc::SIGTERM)?;
+        match child.wait_timeout(STOP_TIMEOUT) {
+            Ok(status) => Ok(status),
+            Err(_) => {
+                let status = child.kill()?;
+                bail!(
+                    "agent ignored SIGTERM for {STOP_TIMEOUT:?}; killed ({status})\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent {} stderr ---\n{}", self.pid(), self.stderr());
+            let text = std::fs::read_to_string(self.events_path()).unwrap_or_default();
+            eprintln!("--- agent {} events ---\n{text}", self.pid());
+        }
+        // The ChildGuard field then kills and reaps the process.
+    }
+}
+
+/// Parses complete (newline-terminated) lines; a trailing partial line is still being written.
+fn parse_events(text: &str) -> Vec<Value> {
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => return Vec::new(),
+    };
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("agent event line is not JSON ({e}): {l:?}"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_complete_lines_only() {
+        let text = "{\"event\":\"ready\"}\n\n{\"event\":\"conn_close\",\"bytes_sent\":3}\n{\"event\":\"par";
+        let events = parse_events(text);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1]["bytes_sent"], 3);
+        assert!(parse_events("{\"event\":\"ready\"}").is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "not JSON")]
+    fn garbage_lines_panic_with_the_line() {
+        parse_events("not json\n");
+    }
+}

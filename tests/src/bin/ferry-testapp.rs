@@ -1,0 +1,267 @@
+//! `ferry-testapp`: the workload of the end-to-end tests. Every subcommand prints one JSON line.
+//!
+//! - `serve`: a dual-stack TCP echo server that ends each connection with a trailer naming its tag,
+//!   the bytes it received and the peer it saw.
+//! - `connect`: concurrent connections that send a payload, check the echo and read the trailer.
+//! - `rr`: request/response round trips on one connection, reporting latency percentiles.
+
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use ferry_tests::testapp::{ConnectReport, Listening, RrReport, Trailer, payload, percentile, verify_echo};
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Command line.
+#[derive(Parser)]
+#[command(about = "Ferry's end-to-end test workload")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// TCP echo server with a trailer after the client half-closes.
+    Serve {
+        /// Port to listen on.
+        #[arg(long)]
+        port: u16,
+        /// Name written in each trailer.
+        #[arg(long, default_value = "server")]
+        tag: String,
+        /// Address to bind (default: [::], dual-stack).
+        #[arg(long)]
+        bind: Option<IpAddr>,
+    },
+    /// Concurrent echo clients.
+    Connect {
+        /// Server address, such as 10.96.0.10:80 or [fd00::1]:80.
+        addr: SocketAddr,
+        /// Payload bytes per connection.
+        #[arg(long)]
+        bytes: usize,
+        /// Keep each connection open this long after sending, before half-closing.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        /// Per-connection timeout.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Request/response round trips on one connection to an echo server.
+    Rr {
+        /// Server address.
+        addr: SocketAddr,
+        /// Bytes per request (and response).
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Measured round trips.
+        #[arg(long)]
+        count: u64,
+        /// Unmeasured round trips first.
+        #[arg(long, default_value_t = 10)]
+        warmup: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Serve { port, tag, bind } => runtime().and_then(|rt| rt.block_on(serve(port, tag, bind))),
+        Cmd::Connect { addr, bytes, hold_ms, conns, timeout_ms } => {
+            runtime().map(|rt| rt.block_on(connect(addr, bytes, hold_ms, conns, timeout_ms))).map(|report| {
+                print_json(&report);
+                std::process::exit(if report.failed == 0 { 0 } else { 1 });
+            })
+        }
+        Cmd::Rr { addr, size, count, warmup } => rr(addr, size, count, warmup).map(|r| print_json(&r)),
+    };
+    if let Err(e) = result {
+        print_json(&json!({ "error": format!("{e:#}") }));
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    let line = serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Echo server: echoes every byte as it arrives, then writes the trailer at the client's EOF.
+async fn serve(port: u16, tag: String, bind: Option<IpAddr>) -> Result<()> {
+    let addr = SocketAddr::new(bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)), port);
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+        .context("cannot create the listening socket")?;
+    if bind.is_none() {
+        socket.set_only_v6(false).context("cannot make the socket dual-stack")?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into()).with_context(|| format!("cannot bind {addr}"))?;
+    socket.listen(1024).with_context(|| format!("cannot listen on {addr}"))?;
+    socket.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(socket.into())?;
+    print_json(&Listening { listening: listener.local_addr()?.to_string() });
+    loop {
+        let (stream, peer) = listener.accept().await.context("accept failed")?;
+        let tag = tag.clone();
+        tokio::spawn(async move {
+            if let Err(e) = echo(stream, peer, &tag).await {
+                eprintln!("ferry-testapp serve: connection from {peer}: {e:#}");
+            }
+        });
+    }
+}
+
+async fn echo(mut stream: TcpStream, peer: SocketAddr, tag: &str) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0u64;
+    loop {
+        let n = stream.read(&mut buf).await.context("read")?;
+        if n == 0 {
+            break;
+        }
+        received += n as u64;
+        stream.write_all(&buf[..n]).await.context("echo write")?;
+    }
+    // A v4 client of the dual-stack socket shows up as ::ffff:a.b.c.d; report it as plain v4.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let trailer = Trailer { tag: tag.to_owned(), bytes: received, peer: peer.to_string() };
+    stream.write_all(trailer.to_line().as_bytes()).await.context("trailer write")?;
+    stream.shutdown().await.context("shutdown")?;
+    Ok(())
+}
+
+/// The outcome of one client connection: its local address (once connected) and the result.
+struct ConnOutcome {
+    local: Option<SocketAddr>,
+    result: Result<Trailer>,
+}
+
+async fn connect(
+    addr: SocketAddr,
+    bytes: usize,
+    hold_ms: u64,
+    conns: usize,
+    timeout_ms: u64,
+) -> ConnectReport {
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut local = None;
+                let limit = Duration::from_millis(timeout_ms);
+                let result =
+                    match tokio::time::timeout(limit, one_conn(addr, i as u64, bytes, hold_ms, &mut local))
+                        .await
+                    {
+                        Ok(result) => result,
+                        Err(_) => Err(anyhow::anyhow!("timed out after {timeout_ms} ms")),
+                    };
+                ConnOutcome { local, result }
+            })
+        })
+        .collect();
+    let mut report = ConnectReport::default();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let outcome = match task.await {
+            Ok(outcome) => outcome,
+            Err(e) => ConnOutcome { local: None, result: Err(anyhow::anyhow!("task failed: {e}")) },
+        };
+        if let Some(local) = outcome.local {
+            report.local_addrs.push(local.to_string());
+        }
+        match outcome.result {
+            Ok(trailer) => {
+                report.ok += 1;
+                report.bytes_echoed += trailer.bytes;
+                *report.tags.entry(trailer.tag).or_default() += 1;
+                report.peers_seen_by_server.push(trailer.peer);
+            }
+            Err(e) => {
+                report.failed += 1;
+                if report.errors.len() < 5 {
+                    let local = outcome.local.map(|l| format!(" from {l}")).unwrap_or_default();
+                    report.errors.push(format!("conn {i}{local} to {addr}: {e:#}"));
+                }
+            }
+        }
+    }
+    report
+}
+
+/// Sends the payload while reading the echo, half-closes, reads to EOF and checks everything.
+async fn one_conn(
+    addr: SocketAddr,
+    conn: u64,
+    bytes: usize,
+    hold_ms: u64,
+    local: &mut Option<SocketAddr>,
+) -> Result<Trailer> {
+    let stream = TcpStream::connect(addr).await.context("connect")?;
+    *local = Some(stream.local_addr()?);
+    let sent = payload(conn, bytes);
+    let (mut reader, mut writer) = stream.into_split();
+    let write = async {
+        writer.write_all(&sent).await.context("send")?;
+        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        writer.shutdown().await.context("half-close")
+    };
+    let read = async {
+        let mut received = Vec::with_capacity(bytes + 128);
+        reader.read_to_end(&mut received).await.context("receive")?;
+        Ok::<_, anyhow::Error>(received)
+    };
+    let (written, received) = tokio::join!(write, read);
+    let received = received?;
+    written?;
+    verify_echo(&sent, &received)
+}
+
+/// Round trips on one blocking connection: write `size` bytes, read exactly `size` back.
+fn rr(addr: SocketAddr, size: usize, count: u64, warmup: u64) -> Result<RrReport> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let request = payload(0, size);
+    let mut response = vec![0u8; size];
+    let mut samples = Vec::with_capacity(count as usize);
+    for i in 0..warmup + count {
+        let start = Instant::now();
+        stream.write_all(&request).context("send")?;
+        stream.read_exact(&mut response).with_context(|| format!("receive (round trip {i})"))?;
+        let elapsed = start.elapsed();
+        anyhow::ensure!(response == request, "round trip {i}: the echo differs from the request");
+        if i >= warmup {
+            samples.push(elapsed.as_secs_f64() * 1e6);
+        }
+    }
+    // Let the server finish its trailer rather than hitting a reset.
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let _ = std::io::copy(&mut stream, &mut std::io::sink());
+    samples.sort_by(f64::total_cmp);
+    let mean = if samples.is_empty() { 0.0 } else { samples.iter().sum::<f64>() / samples.len() as f64 };
+    Ok(RrReport {
+        count: samples.len() as u64,
+        p50_us: percentile(&samples, 0.50),
+        p90_us: percentile(&samples, 0.90),
+        p99_us: percentile(&samples, 0.99),
+        mean_us: mean,
+    })
+}

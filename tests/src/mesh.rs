@@ -1,0 +1,202 @@
+//! Building the agent's standalone mesh file (TOML) from simulated pods.
+
+use serde::Serialize;
+
+use crate::Pod;
+
+/// The whole mesh file for one node's agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshFile {
+    node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trust_domain: Option<String>,
+    capture: Capture,
+    pods: Vec<PodEntry>,
+    services: Vec<ServiceEntry>,
+}
+
+/// The `[capture]` table.
+#[derive(Debug, Clone, Default, Serialize)]
+struct Capture {
+    exclude_ports: Vec<u16>,
+    exclude_cidrs: Vec<String>,
+}
+
+/// One `[[pods]]` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct PodEntry {
+    name: String,
+    namespace: String,
+    service_account: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+    netns: String,
+    cgroup: String,
+    ips: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<String>,
+}
+
+/// One `[[services]]` entry.
+#[derive(Debug, Clone, Serialize)]
+struct ServiceEntry {
+    name: String,
+    namespace: String,
+    vips: Vec<String>,
+    ports: Vec<ServicePort>,
+    endpoints: Vec<String>,
+}
+
+/// One entry of a service's `ports`.
+#[derive(Debug, Clone, Serialize)]
+struct ServicePort {
+    port: u16,
+    target_port: u16,
+}
+
+impl MeshFile {
+    /// An empty mesh file for node `node`.
+    pub fn new(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            trust_domain: None,
+            capture: Capture::default(),
+            pods: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+
+    /// Sets `trust_domain`.
+    pub fn trust_domain(&mut self, domain: &str) -> &mut Self {
+        self.trust_domain = Some(domain.to_owned());
+        self
+    }
+
+    /// Adds `pod` (its netns, cgroup and both IPs) in Kubernetes namespace `namespace` with
+    /// `service_account`; the returned entry can be given a mode or a node.
+    pub fn pod(&mut self, pod: &Pod, namespace: &str, service_account: &str) -> &mut PodEntry {
+        self.pods.push(PodEntry {
+            name: pod.name().to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            node: None,
+            netns: pod.netns_path().display().to_string(),
+            cgroup: pod.cgroup_path().display().to_string(),
+            ips: vec![pod.ipv4().to_string(), pod.ipv6().to_string()],
+            mode: None,
+        });
+        self.pods.last_mut().expect("just pushed")
+    }
+
+    /// Adds service `name` with its VIPs, (port, target_port) pairs and endpoint pod names.
+    pub fn service(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        vips: &[&str],
+        ports: &[(u16, u16)],
+        endpoints: &[&str],
+    ) -> &mut Self {
+        self.services.push(ServiceEntry {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            vips: vips.iter().map(|v| v.to_string()).collect(),
+            ports: ports.iter().map(|&(port, target_port)| ServicePort { port, target_port }).collect(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+        });
+        self
+    }
+
+    /// Excludes destination port `port` from capture.
+    pub fn exclude_port(&mut self, port: u16) -> &mut Self {
+        self.capture.exclude_ports.push(port);
+        self
+    }
+
+    /// Excludes destination CIDR `cidr` from capture.
+    pub fn exclude_cidr(&mut self, cidr: &str) -> &mut Self {
+        self.capture.exclude_cidrs.push(cidr.to_owned());
+        self
+    }
+
+    /// The TOML text.
+    pub fn to_toml(&self) -> String {
+        // Plain strings, integers and arrays of tables: serialization cannot fail.
+        toml::to_string(self).expect("mesh file types always serialize to TOML")
+    }
+}
+
+impl PodEntry {
+    /// Sets the enrollment mode (such as "strict" or "permissive").
+    pub fn mode(&mut self, mode: &str) -> &mut Self {
+        self.mode = Some(mode.to_owned());
+        self
+    }
+
+    /// Marks the pod as running on node `node` (a remote pod for this agent).
+    pub fn node(&mut self, node: &str) -> &mut Self {
+        self.node = Some(node.to_owned());
+        self
+    }
+
+    /// Replaces the IPs (for example to list only the IPv4 address).
+    pub fn ips(&mut self, ips: &[&str]) -> &mut Self {
+        self.ips = ips.iter().map(|ip| ip.to_string()).collect();
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ips: &[&str]) -> PodEntry {
+        PodEntry {
+            name: name.into(),
+            namespace: "demo".into(),
+            service_account: name.into(),
+            node: None,
+            netns: format!("/var/run/netns/{name}"),
+            cgroup: format!("/sys/fs/cgroup/x/{name}"),
+            ips: ips.iter().map(|s| s.to_string()).collect(),
+            mode: None,
+        }
+    }
+
+    #[test]
+    fn renders_the_documented_shape() {
+        let mut mesh = MeshFile::new("node-a");
+        mesh.exclude_port(22).exclude_cidr("169.254.0.0/16");
+        mesh.pods.push(pod("client", &["10.233.1.2", "fd00:233:1::2"]));
+        mesh.pods.push(pod("server-1", &[]));
+        mesh.pods[1].mode("strict").node("node-b").ips(&["10.233.2.2"]);
+        mesh.service("echo", "demo", &["10.96.0.10"], &[(80, 8080)], &["server-1", "server-2"]);
+        let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
+        assert_eq!(value["node"].as_str(), Some("node-a"));
+        assert!(value.get("trust_domain").is_none());
+        assert_eq!(value["capture"]["exclude_ports"][0].as_integer(), Some(22));
+        assert_eq!(value["capture"]["exclude_cidrs"][0].as_str(), Some("169.254.0.0/16"));
+        let pods = value["pods"].as_array().unwrap();
+        assert_eq!(pods.len(), 2);
+        assert_eq!(pods[0]["ips"][1].as_str(), Some("fd00:233:1::2"));
+        assert_eq!(pods[0]["netns"].as_str(), Some("/var/run/netns/client"));
+        assert!(pods[0].get("mode").is_none() && pods[0].get("node").is_none());
+        assert_eq!(pods[1]["mode"].as_str(), Some("strict"));
+        assert_eq!(pods[1]["node"].as_str(), Some("node-b"));
+        assert_eq!(pods[1]["ips"].as_array().unwrap().len(), 1);
+        let svc = &value["services"][0];
+        assert_eq!(svc["vips"][0].as_str(), Some("10.96.0.10"));
+        assert_eq!(svc["ports"][0]["port"].as_integer(), Some(80));
+        assert_eq!(svc["ports"][0]["target_port"].as_integer(), Some(8080));
+        assert_eq!(svc["endpoints"][1].as_str(), Some("server-2"));
+    }
+
+    #[test]
+    fn trust_domain_is_written_when_set() {
+        let mut mesh = MeshFile::new("n");
+        mesh.trust_domain("example.org");
+        let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
+        assert_eq!(value["trust_domain"].as_str(), Some("example.org"));
+        assert_eq!(value["pods"].as_array().map(Vec::len), Some(0));
+    }
+}

@@ -1,0 +1,279 @@
+//! The `ferry-testapp` workload: its wire format (echo trailer, payload), its JSON reports, and
+//! helpers that run it inside pods.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{ChildGuard, Pod, bin_path};
+
+/// The binary's name (see [`crate::bin_path`]).
+pub const TESTAPP: &str = "ferry-testapp";
+
+/// How long [`serve`] waits for the server's `{"listening":...}` line.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The line a server prints once bound.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listening {
+    /// The bound address.
+    pub listening: String,
+}
+
+/// What `ferry-testapp connect` prints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectReport {
+    /// Connections whose echo and trailer were correct.
+    pub ok: u64,
+    /// Connections that failed.
+    pub failed: u64,
+    /// The first few failure messages.
+    pub errors: Vec<String>,
+    /// How many successful connections each server tag answered.
+    pub tags: BTreeMap<String, u64>,
+    /// Echoed payload bytes over all successful connections.
+    pub bytes_echoed: u64,
+    /// The client's local address of each connection that was established.
+    pub local_addrs: Vec<String>,
+    /// The peer address each server reported in its trailer.
+    pub peers_seen_by_server: Vec<String>,
+}
+
+/// What `ferry-testapp rr` prints: round-trip latencies in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RrReport {
+    /// Measured round trips (warm-up excluded).
+    pub count: u64,
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+/// The line a server writes after the client half-closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trailer {
+    /// The server's tag.
+    pub tag: String,
+    /// Bytes the server received on the connection.
+    pub bytes: u64,
+    /// The client address as the server saw it.
+    pub peer: String,
+}
+
+impl Trailer {
+    /// The wire form: `\nFERRY-TRAILER tag=<tag> bytes=<n> peer=<addr>\n`.
+    pub fn to_line(&self) -> String {
+        format!("\nFERRY-TRAILER tag={} bytes={} peer={}\n", self.tag, self.bytes, self.peer)
+    }
+
+    /// Parses the wire form (exactly, nothing before or after it).
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|_| anyhow!("trailer is not UTF-8: {bytes:?}"))?;
+        let body = text
+            .strip_prefix("\nFERRY-TRAILER ")
+            .and_then(|t| t.strip_suffix('\n'))
+            .ok_or_else(|| anyhow!("no trailer after the echo, got {text:?}"))?;
+        let mut fields = BTreeMap::new();
+        for field in body.split(' ') {
+            let (key, value) = field.split_once('=').ok_or_else(|| anyhow!("bad trailer field {field:?}"))?;
+            fields.insert(key, value);
+        }
+        let get =
+            |key: &str| fields.get(key).copied().ok_or_else(|| anyhow!("trailer lacks {key}: {text:?}"));
+        Ok(Self {
+            tag: get("tag")?.to_owned(),
+            bytes: get("bytes")?.parse().with_context(|| format!("bad bytes in trailer {text:?}"))?,
+            peer: get("peer")?.to_owned(),
+        })
+    }
+}
+
+/// The deterministic pseudo-random payload of connection `conn` with `len` bytes.
+pub fn payload(conn: u64, len: usize) -> Vec<u8> {
+    let mut rng =
+        fastrand::Rng::with_seed(0x5eed_0000 ^ conn.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ len as u64);
+    let mut data = vec![0u8; len];
+    rng.fill(&mut data);
+    data
+}
+
+/// Checks that `received` is `sent` echoed byte for byte followed by a trailer; the trailer.
+pub fn verify_echo(sent: &[u8], received: &[u8]) -> Result<Trailer> {
+    if received.len() < sent.len() {
+        bail!("short echo: got {} of {} bytes", received.len(), sent.len());
+    }
+    if let Some(i) = sent.iter().zip(received).position(|(a, b)| a != b) {
+        bail!("echo differs at byte {i}: sent {:#04x}, got {:#04x}", sent[i], received[i]);
+    }
+    let trailer = Trailer::parse(&received[sent.len()..])?;
+    if trailer.bytes != sent.len() as u64 {
+        bail!("server {} received {} bytes, client sent {}", trailer.tag, trailer.bytes, sent.len());
+    }
+    Ok(trailer)
+}
+
+/// The `p` quantile (0..=1, nearest rank) of sorted `values`; 0 for none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Starts an echo server in `pod` (netns and cgroup) on `[::]:port`, dual-stack, answering with
+/// `tag`; returns once it is listening.
+pub fn serve(pod: &Pod, port: u16, tag: &str) -> Result<ChildGuard> {
+    let mut cmd = pod.command(bin_path(TESTAPP));
+    cmd.args(["serve", "--port", &port.to_string(), "--tag", tag]);
+    pod.spawn_server(cmd)
+}
+
+/// Spawns `cmd` in `pod` with stdout piped and waits for its `{"listening":...}` line.
+pub(crate) fn spawn_listening(pod: &Pod, mut cmd: Command) -> Result<ChildGuard> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut guard = pod.spawn(cmd)?;
+    let stdout = guard.take_stdout().ok_or_else(|| anyhow!("server stdout not piped"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        // Keep draining so the server never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = match rx.recv_timeout(LISTEN_TIMEOUT) {
+        Ok(Some(Ok(line))) => line,
+        other => {
+            // Give a crashing server a moment to finish writing stderr.
+            let status = guard.wait_timeout(Duration::from_millis(200)).ok();
+            bail!(
+                "{program} in pod {} did not report listening ({other:?}, exit {status:?}): {}",
+                pod.name(),
+                guard.stderr()
+            );
+        }
+    };
+    serde_json::from_str::<Listening>(&line)
+        .with_context(|| format!("{program} in pod {} printed {line:?}, not a listening line", pod.name()))?;
+    Ok(guard)
+}
+
+/// Options of [`connect`].
+#[derive(Debug, Clone)]
+pub struct ConnectOpts {
+    /// Payload bytes per connection.
+    pub bytes: usize,
+    /// Concurrent connections.
+    pub conns: usize,
+    /// How long each connection stays open after sending, before half-closing.
+    pub hold_ms: u64,
+    /// Per-connection timeout.
+    pub timeout_ms: u64,
+    /// Run in the pod's cgroup (captured when enrolled); false runs in its netns only.
+    pub in_cgroup: bool,
+}
+
+impl Default for ConnectOpts {
+    fn default() -> Self {
+        Self { bytes: 4096, conns: 1, hold_ms: 0, timeout_ms: 10_000, in_cgroup: true }
+    }
+}
+
+/// Runs `ferry-testapp connect` from `pod` to `addr` and returns its report (failed connections
+/// are in the report, not an error; an error means the client itself could not run or report).
+pub fn connect(pod: &Pod, addr: impl Display, opts: &ConnectOpts) -> Result<ConnectReport> {
+    let program = bin_path(TESTAPP);
+    let mut cmd = if opts.in_cgroup { pod.command(program) } else { pod.netns_command(program) };
+    cmd.args(["connect", &addr.to_string()])
+        .args(["--bytes", &opts.bytes.to_string(), "--conns", &opts.conns.to_string()])
+        .args(["--hold-ms", &opts.hold_ms.to_string(), "--timeout-ms", &opts.timeout_ms.to_string()]);
+    let timeout = Duration::from_millis(opts.timeout_ms + opts.hold_ms) + Duration::from_secs(10);
+    run_json(pod, cmd, timeout)
+}
+
+/// Runs `ferry-testapp rr` from `pod` (in its cgroup) against the echo server at `addr`.
+pub fn rr(pod: &Pod, addr: impl Display, size: usize, count: u64, warmup: u64) -> Result<RrReport> {
+    let mut cmd = pod.command(bin_path(TESTAPP));
+    cmd.args(["rr", &addr.to_string(), "--size", &size.to_string()]).args([
+        "--count",
+        &count.to_string(),
+        "--warmup",
+        &warmup.to_string(),
+    ]);
+    run_json(pod, cmd, Duration::from_secs(120))
+}
+
+/// Runs `cmd` in `pod` and parses the last line of its stdout as JSON.
+fn run_json<T: serde::de::DeserializeOwned>(pod: &Pod, cmd: Command, timeout: Duration) -> Result<T> {
+    let out = pod.output(cmd, timeout)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| {
+        format!(
+            "testapp in pod {} ({}) printed no report: stdout {stdout:?}, stderr {:?}",
+            pod.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailer_round_trips() {
+        let t = Trailer { tag: "server-1".into(), bytes: 42, peer: "[fd00:233:1::2]:4000".into() };
+        assert_eq!(Trailer::parse(t.to_line().as_bytes()).unwrap(), t);
+        assert!(Trailer::parse(b"FERRY-TRAILER tag=a bytes=1 peer=x\n").is_err());
+        assert!(Trailer::parse(b"\nFERRY-TRAILER tag=a bytes=z peer=x\n").is_err());
+        assert!(Trailer::parse(b"\nFERRY-TRAILER tag=a peer=x\n").is_err());
+    }
+
+    #[test]
+    fn payload_is_deterministic_and_differs_per_connection() {
+        assert_eq!(payload(3, 100), payload(3, 100));
+        assert_ne!(payload(3, 100), payload(4, 100));
+        assert_eq!(payload(0, 0), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn verify_echo_finds_each_fault() {
+        let sent = payload(1, 10);
+        let trailer = Trailer { tag: "t".into(), bytes: 10, peer: "1.2.3.4:5".into() };
+        let mut good = sent.clone();
+        good.extend_from_slice(trailer.to_line().as_bytes());
+        assert_eq!(verify_echo(&sent, &good).unwrap(), trailer);
+
+        let mut corrupt = good.clone();
+        corrupt[4] ^= 0xff;
+        assert!(verify_echo(&sent, &corrupt).unwrap_err().to_string().contains("byte 4"));
+        assert!(verify_echo(&sent, &sent[..5]).unwrap_err().to_string().contains("short echo"));
+        assert!(verify_echo(&sent, &sent).unwrap_err().to_string().contains("no trailer"));
+        let mut wrong_count = sent.clone();
+        wrong_count.extend_from_slice(Trailer { bytes: 9, ..trailer }.to_line().as_bytes());
+        assert!(verify_echo(&sent, &wrong_count).is_err());
+    }
+
+    #[test]
+    fn percentile_uses_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.9), 90.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}
