@@ -15,7 +15,7 @@ use crate::{
     config::MeshConfig,
     enroll::Enrollment,
     events::EventSink,
-    proxy::{MeshState, ProxyPorts, ProxyShared},
+    proxy::{MeshState, ProxyPorts, ProxyShared, mtls::Mtls},
 };
 
 /// Options of `ferry run`.
@@ -33,6 +33,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let config = MeshConfig::load(&opts.config).context("invalid mesh file")?;
     let events = EventSink::open(opts.events.as_deref())
         .with_context(|| format!("opening events file {:?}", opts.events))?;
+    // Identities before the kernel: a bad CA directory must not leave half an agent behind.
+    let mtls = match &config.ca {
+        Some(ca) => Some(Mtls::start(ca, &config).context("setting up workload identities")?),
+        None => {
+            tracing::warn!("the mesh file names no CA: no identities, no mTLS, no inbound tunnel");
+            None
+        }
+    };
     let capture = &config.capture;
     let params = CaptureParams {
         outbound_port: capture.outbound_port,
@@ -50,7 +58,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let program_ids = datapath.program_ids();
     let datapath = Mutex::new(datapath);
     let local: Vec<_> = config.local_pods().cloned().collect();
-    let shared = Arc::new(ProxyShared::new(orig_dst, events, ports, MeshState::new(config)));
+    let shared = Arc::new(ProxyShared::new(orig_dst, events, ports, mtls, MeshState::new(config)));
 
     let mut enrolled: Vec<Enrollment> = Vec::new();
     for pod in &local {

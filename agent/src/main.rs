@@ -23,6 +23,29 @@ enum Command {
         #[arg(long)]
         events: Option<PathBuf>,
     },
+    /// Manage the embedded CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a root CA (root.pem, root.key) in DIR. Keep the root key off the nodes.
+    Init {
+        /// Directory for the root CA; refuses to overwrite an existing one.
+        dir: PathBuf,
+        /// The SPIFFE trust domain the root signs for.
+        #[arg(long, default_value = ferry::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+    /// Create NODE's intermediate CA in DIR/nodes/NODE (ca.pem, ca.key, root.pem): the directory a
+    /// node's agent is given. The agent signs its pods' SVIDs with it and never sees the root key.
+    IssueNode {
+        /// The root CA directory made by `ferry ca init`.
+        dir: PathBuf,
+        /// The node name, as in the mesh file.
+        node: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,6 +59,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run { config, events } => run_daemon(ferry::daemon::RunOptions { config, events }),
+        Command::Ca(cmd) => run_ca(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -49,4 +73,29 @@ fn main() -> ExitCode {
 fn run_daemon(opts: ferry::daemon::RunOptions) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(ferry::daemon::run(opts))
+}
+
+fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use ferry::identity::{RootCa, TrustDomain, ca};
+    use rustls::pki_types::UnixTime;
+    match cmd {
+        CaCommand::Init { dir, trust_domain } => {
+            let td =
+                TrustDomain::new(&trust_domain).with_context(|| format!("trust domain {trust_domain:?}"))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            RootCa::init_dir(&dir, &td, ca::DEFAULT_ROOT_VALIDITY, UnixTime::now())
+                .with_context(|| format!("creating the root CA in {}", dir.display()))?;
+            println!("root CA for {trust_domain} written to {}", dir.display());
+        }
+        CaCommand::IssueNode { dir, node } => {
+            let root = RootCa::load(&dir, UnixTime::now())
+                .with_context(|| format!("loading the root CA from {}", dir.display()))?;
+            let node_dir = root
+                .issue_node_dir(&dir, &node, ca::DEFAULT_NODE_VALIDITY, UnixTime::now())
+                .with_context(|| format!("issuing the intermediate CA for node {node:?}"))?;
+            println!("intermediate CA for node {node} written to {}", node_dir.display());
+        }
+    }
+    Ok(())
 }

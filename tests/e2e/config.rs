@@ -7,7 +7,13 @@ use ferry_tests::bin_path;
 /// (description, file contents, expected message fragment)
 const BAD_FILES: &[(&str, &str, &str)] = &[
     ("syntax error", "node = \"a\"\n[[pods]\n", "line 2"),
-    ("missing node", "[[pods]]\nname = \"p\"\n", "node"),
+    ("missing node", "trust_domain = \"cluster.local\"\n", "missing field \"node\""),
+    (
+        "bad ca ttl",
+        "node = \"a\"\n[ca]\ndir = \"/x\"\nsvid_ttl_seconds = 5\n",
+        "ca.svid_ttl_seconds: 5 is outside",
+    ),
+    ("relative ca dir", "node = \"a\"\n[ca]\ndir = \"x\"\n", "ca.dir: \"x\" must be an absolute path"),
     (
         "bad ip",
         "node = \"a\"\n[[pods]]\nname = \"p\"\nnamespace = \"n\"\nservice_account = \"s\"\nnetns = \"/x\"\ncgroup = \"/y\"\nips = [\"10.0.0.300\"]\n",
@@ -46,7 +52,8 @@ fn invalid_mesh_file_is_rejected_with_clear_error() {
         assert!(stderr.contains(expected), "{what}: expected {expected:?} in {stderr}");
     }
     // A missing file is an error too, naming the path.
-    let out = Command::new(bin_path("ferry")).args(["run", "--config", "/nonexistent/mesh.toml"]).output().unwrap();
+    let out =
+        Command::new(bin_path("ferry")).args(["run", "--config", "/nonexistent/mesh.toml"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/mesh.toml"));
 }

@@ -41,5 +41,8 @@ fn loopback_inside_pod_is_untouched() {
     assert_eq!(r["peers_seen_by_server"][0], r["local_addrs"][0]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let events = s.agent.events();
-    assert!(events.iter().all(|e| e.get("direction").is_none()), "no connection touched the proxy: {events:?}");
+    assert!(
+        events.iter().all(|e| e.get("direction").is_none()),
+        "no connection touched the proxy: {events:?}"
+    );
 }

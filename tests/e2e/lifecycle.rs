@@ -8,7 +8,10 @@ use common::*;
 
 /// Ids of loaded programs or links, from bpftool's JSON output.
 fn bpf_ids(kind: &str) -> Vec<u64> {
-    let out = Command::new("bpftool").args(["-j", kind, "show"]).output().expect("bpftool must be installed (cargo xtask setup)");
+    let out = Command::new("bpftool")
+        .args(["-j", kind, "show"])
+        .output()
+        .expect("bpftool must be installed (cargo xtask setup)");
     assert!(out.status.success(), "bpftool {kind} show: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     v.as_array().unwrap().iter().filter_map(|p| p["id"].as_u64()).collect()
@@ -31,10 +34,13 @@ fn listening_ports(pod: &ferry_tests::Pod) -> Vec<u16> {
 fn shutdown_leaves_no_programs_links_or_listeners() {
     let s = Scenario::start("shut").unwrap();
     let ready = events_of(&s.agent, "ready").pop().expect("ready event");
-    let prog_ids: Vec<u64> = ready["programs"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    let prog_ids: Vec<u64> =
+        ready["programs"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
     let link_ids: Vec<u64> = events_of(&s.agent, "enrolled")
         .iter()
-        .flat_map(|e| e["links"].as_array().unwrap().iter().map(|l| l["id"].as_u64().unwrap()).collect::<Vec<_>>())
+        .flat_map(|e| {
+            e["links"].as_array().unwrap().iter().map(|l| l["id"].as_u64().unwrap()).collect::<Vec<_>>()
+        })
         .collect();
     assert_eq!(prog_ids.len(), 4, "connect4, connect6, sock_ops, sk_lookup: {ready}");
     // Three enrolled pods, four links each.
@@ -62,7 +68,11 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
     assert!(left_links.is_empty(), "links left attached: {left_links:?}");
     for pod in [&client, &servers[0], &servers[1]] {
         let ports = listening_ports(pod);
-        assert!(!ports.contains(&15001) && !ports.contains(&15006), "{} still listens: {ports:?}", pod.name());
+        assert!(
+            !ports.contains(&15001) && !ports.contains(&15006),
+            "{} still listens: {ports:?}",
+            pod.name()
+        );
     }
     // And the pods' networking is back to plain: the client reaches the server directly.
     let after = connect(&client, &target, &["--bytes", "10"]).unwrap();

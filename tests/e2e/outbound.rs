@@ -7,7 +7,9 @@ use common::*;
 use serde_json::Value;
 
 fn closes_from<'a>(events: &'a [Value], pod: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-    events.iter().filter(move |e| e["event"] == "conn_close" && e["direction"] == "outbound" && e["pod"] == pod)
+    events
+        .iter()
+        .filter(move |e| e["event"] == "conn_close" && e["direction"] == "outbound" && e["pod"] == pod)
 }
 
 #[test]
@@ -42,7 +44,8 @@ fn original_destination_is_recovered_ipv4() {
         assert_eq!(report["tags"][server.name()], 1, "reached the server that was dialled: {report}");
     }
     let events = wait_events(&s.agent, 2, |e| e["event"] == "conn_close" && e["direction"] == "outbound");
-    let dsts: Vec<&str> = closes_from(&events, "demo/client").map(|e| e["orig_dst"].as_str().unwrap()).collect();
+    let dsts: Vec<&str> =
+        closes_from(&events, "demo/client").map(|e| e["orig_dst"].as_str().unwrap()).collect();
     assert_eq!(dsts, vec![sock(s.servers[0].ipv4().into(), 8080), sock(s.servers[1].ipv4().into(), 8080)]);
     for e in closes_from(&events, "demo/client") {
         assert_eq!(e["endpoint"], e["orig_dst"], "a pod address is not rewritten");
@@ -69,9 +72,12 @@ fn original_destination_is_recovered_ipv6() {
 fn service_vip_is_balanced_across_endpoints() {
     let s = Scenario::start("vip").unwrap();
     // 20 connections held open together: the balancer sees the load and spreads it.
-    let report =
-        connect(&s.client, &sock(VIP4.parse().unwrap(), SERVICE_PORT), &["--bytes", "64", "--conns", "20", "--hold-ms", "400"])
-            .unwrap();
+    let report = connect(
+        &s.client,
+        &sock(VIP4.parse().unwrap(), SERVICE_PORT),
+        &["--bytes", "64", "--conns", "20", "--hold-ms", "400"],
+    )
+    .unwrap();
     assert_eq!(report["ok"], 20, "{report}");
     let one = report["tags"]["server-1"].as_u64().unwrap_or(0);
     let two = report["tags"]["server-2"].as_u64().unwrap_or(0);
@@ -104,14 +110,18 @@ fn unenrolled_pod_is_not_redirected() {
     assert_eq!(inbound[0]["src"], local);
     assert!(s.agent.events().iter().all(|e| e["direction"] != "outbound"), "{:?}", s.agent.events());
     // A VIP means nothing outside the mesh: no proxy, no route.
-    let vip = connect(&s.outsider, &sock(VIP4.parse().unwrap(), 80), &["--bytes", "1", "--timeout-ms", "1500"]).unwrap();
+    let vip =
+        connect(&s.outsider, &sock(VIP4.parse().unwrap(), 80), &["--bytes", "1", "--timeout-ms", "1500"])
+            .unwrap();
     assert_eq!(vip["ok"], 0, "{vip}");
 }
 
 #[test]
 fn proxy_upstream_connections_are_not_recaptured() {
     let s = Scenario::start("norecap").unwrap();
-    let report = connect(&s.client, &sock(VIP4.parse().unwrap(), SERVICE_PORT), &["--bytes", "100", "--conns", "5"]).unwrap();
+    let report =
+        connect(&s.client, &sock(VIP4.parse().unwrap(), SERVICE_PORT), &["--bytes", "100", "--conns", "5"])
+            .unwrap();
     assert_eq!(report["ok"], 5, "{report}");
     let events = wait_events(&s.agent, 10, |e| e["event"] == "conn_close");
     let outbound: Vec<_> = closes_from(&events, "demo/client").collect();
@@ -122,7 +132,10 @@ fn proxy_upstream_connections_are_not_recaptured() {
     assert_eq!(inbound.len(), 5, "{events:?}");
     let client_ip = s.client.ipv4().to_string();
     for e in inbound {
-        assert!(e["src"].as_str().unwrap().starts_with(&format!("{client_ip}:")), "upstream came from the pod: {e}");
+        assert!(
+            e["src"].as_str().unwrap().starts_with(&format!("{client_ip}:")),
+            "upstream came from the pod: {e}"
+        );
         assert_eq!(e["src_pod"], "demo/client");
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -178,8 +191,12 @@ fn half_close_is_relayed_both_ways() {
     // testapp: the client sends, then shuts down its write half; the server only sends its trailer
     // after it sees that EOF, then closes; the client reads to EOF. Both half-closes must cross two
     // proxy hops (outbound in the client pod, inbound in the server pod) for this to finish.
-    let r = connect(&s.client, &sock(s.servers[0].ipv6().into(), SERVER_PORT), &["--bytes", "5000", "--timeout-ms", "10000"])
-        .unwrap();
+    let r = connect(
+        &s.client,
+        &sock(s.servers[0].ipv6().into(), SERVER_PORT),
+        &["--bytes", "5000", "--timeout-ms", "10000"],
+    )
+    .unwrap();
     assert_eq!(r["ok"], 1, "{r}");
     assert_eq!(r["tags"]["server-1"], 1, "the trailer sent after EOF arrived: {r}");
     let closes = wait_events(&s.agent, 2, |e| e["event"] == "conn_close");

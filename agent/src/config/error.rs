@@ -36,12 +36,14 @@ pub enum ConfigError {
         message: String,
     },
     /// An error in the content of the file at `path`.
-    #[error("{}: {source}", path.display())]
+    // `cause` is deliberately not a `source`: the message already includes it, and error chains
+    // would print it twice.
+    #[error("{}: {cause}", path.display())]
     File {
         /// The file that was read.
         path: PathBuf,
         /// What was wrong with its content.
-        source: Box<ConfigError>,
+        cause: Box<ConfigError>,
     },
 }
 
@@ -113,7 +115,7 @@ mod tests {
         assert_eq!(err.to_string(), "pods[0]: unknown field \"ipz\" (at line 4, column 1)");
         let top = ConfigError::invalid("", "missing field \"node\"");
         assert_eq!(top.to_string(), "missing field \"node\"");
-        let file = ConfigError::File { path: "/etc/mesh.toml".into(), source: Box::new(top) };
+        let file = ConfigError::File { path: "/etc/mesh.toml".into(), cause: Box::new(top) };
         assert_eq!(file.to_string(), "/etc/mesh.toml: missing field \"node\"");
     }
 }

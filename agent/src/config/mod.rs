@@ -50,6 +50,8 @@ pub struct MeshConfig {
     pub trust_domain: String,
     /// What the kernel programs leave alone and where they steer the rest.
     pub capture: CaptureSettings,
+    /// The embedded CA; without it the node has no identities, so no mTLS and no inbound tunnel.
+    pub ca: Option<CaSettings>,
     /// Every pod of the mesh, local or not, in file order.
     pub pods: Vec<Pod>,
     /// Every service of the mesh, in file order.
@@ -78,6 +80,18 @@ pub struct CaptureSettings {
     pub inbound_port: u16,
     /// The in-pod HBONE (mTLS tunnel) listener on the pod IP.
     pub tunnel_port: u16,
+}
+
+/// SVID lifetime when the file names none: 24 hours.
+pub const DEFAULT_SVID_TTL_SECONDS: u64 = 86_400;
+
+/// `[ca]`: where this node's intermediate CA lives and how long SVIDs last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaSettings {
+    /// The node CA directory written by `ferry ca issue-node` (ca.pem, ca.key, root.pem).
+    pub dir: PathBuf,
+    /// SVID lifetime; renewal happens at half of it.
+    pub svid_ttl_seconds: u64,
 }
 
 impl Default for CaptureSettings {
@@ -195,7 +209,7 @@ impl MeshConfig {
             kind: e.kind(),
             message: e.to_string(),
         })?;
-        Self::parse(&text).map_err(|e| ConfigError::File { path: path.to_owned(), source: Box::new(e) })
+        Self::parse(&text).map_err(|e| ConfigError::File { path: path.to_owned(), cause: Box::new(e) })
     }
 
     /// The pods on this node, which the agent enrolls.

@@ -15,10 +15,19 @@ pub(super) struct RawConfig {
     pub node: String,
     pub trust_domain: Option<String>,
     pub capture: Option<RawCapture>,
+    pub ca: Option<RawCa>,
     #[serde(default)]
     pub pods: Vec<RawPod>,
     #[serde(default)]
     pub services: Vec<RawService>,
+}
+
+/// `[ca]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawCa {
+    pub dir: String,
+    pub svid_ttl_seconds: Option<i64>,
 }
 
 /// `[capture]`.

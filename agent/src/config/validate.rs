@@ -8,9 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use super::error::ConfigError;
-use super::schema::{RawCapture, RawConfig, RawPod, RawService};
+use super::schema::{RawCa, RawCapture, RawConfig, RawPod, RawService};
 use super::{
-    CaptureSettings, DEFAULT_TRUST_DOMAIN, Index, MeshConfig, Mode, Pod, Service, ServicePort, names,
+    CaSettings, CaptureSettings, DEFAULT_SVID_TTL_SECONDS, DEFAULT_TRUST_DOMAIN, Index, MeshConfig, Mode,
+    Pod, Service, ServicePort, names,
 };
 
 /// Validates `raw` and builds the lookup indexes.
@@ -19,6 +20,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
     let trust_domain = raw.trust_domain.unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
     names::trust_domain(&trust_domain).map_err(|m| ConfigError::invalid("trust_domain", m))?;
     let capture = raw.capture.map(capture).transpose()?.unwrap_or_default();
+    let ca = raw.ca.map(ca).transpose()?;
 
     let mut index = Index::default();
     let mut pod_names = HashMap::new();
@@ -59,7 +61,23 @@ pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
         services.push(service);
     }
 
-    Ok(MeshConfig { node: raw.node, trust_domain, capture, pods, services, index })
+    Ok(MeshConfig { node: raw.node, trust_domain, capture, ca, pods, services, index })
+}
+
+/// Shortest and longest SVID lifetimes accepted: renewal at half-life must have room to retry, and a
+/// stolen key must not stay useful for long.
+const SVID_TTL_RANGE: std::ops::RangeInclusive<i64> = 60..=30 * 86_400;
+
+fn ca(raw: RawCa) -> Result<CaSettings, ConfigError> {
+    if !raw.dir.starts_with('/') {
+        return Err(ConfigError::invalid("ca.dir", format!("{:?} must be an absolute path", raw.dir)));
+    }
+    let ttl = raw.svid_ttl_seconds.unwrap_or(DEFAULT_SVID_TTL_SECONDS as i64);
+    if !SVID_TTL_RANGE.contains(&ttl) {
+        let msg = format!("{ttl} is outside {}..={} seconds", SVID_TTL_RANGE.start(), SVID_TTL_RANGE.end());
+        return Err(ConfigError::invalid("ca.svid_ttl_seconds", msg));
+    }
+    Ok(CaSettings { dir: PathBuf::from(raw.dir), svid_ttl_seconds: ttl as u64 })
 }
 
 fn capture(raw: RawCapture) -> Result<CaptureSettings, ConfigError> {

@@ -16,7 +16,9 @@ use tokio::task::JoinHandle;
 use crate::{
     bpf::{Datapath, DatapathError, PodAttachment},
     config::Pod,
-    proxy::{PodContext, ProxyShared, accept_loop, inbound, outbound, sockets::listen_in},
+    proxy::{
+        PodContext, ProxyShared, accept_loop, inbound, mtls::MtlsError, outbound, sockets::listen_in, tunnel,
+    },
 };
 use netns::{NetnsError, PodNetns};
 
@@ -44,6 +46,12 @@ pub enum EnrollError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The pod's identity is invalid.
+    #[error("pod {0}")]
+    Identity(String, #[source] MtlsError),
+    /// No TLS configuration for the pod's identity.
+    #[error("pod {0}: tunnel TLS")]
+    Tls(String, #[source] crate::identity::StoreError),
     /// Attaching programs or writing maps failed.
     #[error("pod {pod}")]
     Datapath {
@@ -80,7 +88,24 @@ impl Enrollment {
         let netns = PodNetns::open(&netns_path, format!("netns-{}", pod.name))
             .map_err(|source| EnrollError::Netns { pod: key.clone(), source })?;
         let ports = shared.ports;
-        let context = Arc::new(PodContext { key: key.clone(), netns, shared });
+        let (identity, tls) = match &shared.mtls {
+            Some(mtls) => {
+                let id = mtls.identity_of(pod).map_err(|e| EnrollError::Identity(key.clone(), e))?;
+                let tls = mtls.store.server_config_for(&id).map_err(|e| EnrollError::Tls(key.clone(), e))?;
+                (Some(id), Some(Arc::new(tls)))
+            }
+            // No certificate means no inbound TLS: the tunnel port is simply not opened.
+            None => (None, None),
+        };
+        let ips: Vec<IpAddr> = pod.ips().collect();
+        let context = Arc::new(PodContext {
+            key: key.clone(),
+            netns,
+            identity,
+            mode: pod.mode,
+            ips: ips.clone(),
+            shared,
+        });
         let mut enrollment = Self {
             key: key.clone(),
             cgroup: cgroup.clone(),
@@ -107,6 +132,12 @@ impl Enrollment {
         let out6 = listen(SocketAddr::new(v6_loop, ports.outbound)).await?;
         let in4 = listen(SocketAddr::new(v4_loop, ports.inbound)).await?;
         let in6 = listen(SocketAddr::new(v6_loop, ports.inbound)).await?;
+        let mut tunnels = Vec::new();
+        if tls.is_some() {
+            for ip in &ips {
+                tunnels.push(listen(SocketAddr::new(*ip, ports.tunnel)).await?);
+            }
+        }
 
         {
             let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,6 +165,13 @@ impl Enrollment {
         }
         for listener in [in4, in6] {
             enrollment.tasks.push(tokio::spawn(accept_loop(listener, context.clone(), inbound::handle)));
+        }
+        if let Some(tls) = tls {
+            for listener in tunnels {
+                let tls = tls.clone();
+                let handle = move |tcp, peer, pod| tunnel::handle(tcp, peer, pod, tls.clone());
+                enrollment.tasks.push(tokio::spawn(accept_loop(listener, context.clone(), handle)));
+            }
         }
         Ok(enrollment)
     }

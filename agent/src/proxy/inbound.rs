@@ -10,6 +10,8 @@ use std::{
 };
 
 use serde_json::json;
+
+use crate::config::Mode;
 use tokio::net::TcpStream;
 
 use super::{
@@ -33,8 +35,17 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
     let src_pod = shared.state().config.pod_by_ip(peer.ip()).map(|p| p.key());
     let base = json!({
         "id": id, "direction": "inbound", "pod": pod.key, "src": peer.to_string(), "src_pod": src_pod,
-        "orig_dst": orig.to_string(),
+        "orig_dst": orig.to_string(), "security": "none",
     });
+    if pod.mode == Mode::Strict {
+        // STRICT: only mutually authenticated tunnels may reach this pod.
+        shared.events.emit(with_event(
+            &base,
+            "conn_refused",
+            json!({ "reason": "plaintext refused: STRICT mode" }),
+        ));
+        return;
+    }
     if shared.ports.contains(orig.port()) {
         // Forwarding to our own port over loopback would come straight back: refuse.
         shared.events.emit(with_event(
@@ -60,7 +71,7 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
 
 /// Connects to the app on loopback of the same family; an app listening on only the other family's
 /// wildcard is tried next.
-async fn connect_to_app(pod: &PodContext, orig: SocketAddr) -> io::Result<TcpStream> {
+pub(super) async fn connect_to_app(pod: &PodContext, orig: SocketAddr) -> io::Result<TcpStream> {
     let (first, second) = match orig.ip() {
         IpAddr::V4(_) => (IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)),
         IpAddr::V6(_) => (IpAddr::V6(Ipv6Addr::LOCALHOST), IpAddr::V4(Ipv4Addr::LOCALHOST)),

@@ -2,10 +2,12 @@
 
 pub mod balance;
 pub mod inbound;
+pub mod mtls;
 pub mod outbound;
 pub mod relay;
 pub mod routes;
 pub mod sockets;
+pub mod tunnel;
 
 use std::{
     net::SocketAddr,
@@ -18,7 +20,14 @@ use std::{
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{bpf::OrigDstTable, config::MeshConfig, enroll::netns::PodNetns, events::EventSink};
+use crate::{
+    bpf::OrigDstTable,
+    config::{MeshConfig, Mode},
+    enroll::netns::PodNetns,
+    events::EventSink,
+    identity::SpiffeId,
+};
+use mtls::Mtls;
 use routes::Routes;
 
 /// The proxy's own ports; connections aimed at them directly are refused, never forwarded.
@@ -64,14 +73,23 @@ pub struct ProxyShared {
     pub events: EventSink,
     /// The proxy's own ports.
     pub ports: ProxyPorts,
+    /// Identities and the tunnel pool; `None` when the mesh file names no CA (plaintext only).
+    pub mtls: Option<Mtls>,
     state: RwLock<Arc<MeshState>>,
     next_conn_id: AtomicU64,
 }
 
 impl ProxyShared {
     /// Creates the shared state.
-    pub fn new(orig_dst: OrigDstTable, events: EventSink, ports: ProxyPorts, state: MeshState) -> Self {
-        Self { orig_dst, events, ports, state: RwLock::new(Arc::new(state)), next_conn_id: AtomicU64::new(1) }
+    pub fn new(
+        orig_dst: OrigDstTable,
+        events: EventSink,
+        ports: ProxyPorts,
+        mtls: Option<Mtls>,
+        state: MeshState,
+    ) -> Self {
+        let state = RwLock::new(Arc::new(state));
+        Self { orig_dst, events, ports, mtls, state, next_conn_id: AtomicU64::new(1) }
     }
 
     /// The current mesh state (cheap: one Arc clone).
@@ -95,6 +113,12 @@ pub struct PodContext {
     pub key: String,
     /// The pod's netns worker.
     pub netns: PodNetns,
+    /// The pod's SPIFFE identity, when the node has a CA.
+    pub identity: Option<SpiffeId>,
+    /// STRICT refuses plaintext inbound; PERMISSIVE accepts and records it.
+    pub mode: Mode,
+    /// The pod's own addresses: the only tunnel targets it accepts.
+    pub ips: Vec<std::net::IpAddr>,
     /// Shared proxy state.
     pub shared: Arc<ProxyShared>,
 }

@@ -41,23 +41,51 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
             return;
         }
     };
+    // A destination pod of the mesh is reached through its tunnel with mutual TLS; anything else
+    // (outside the mesh, or a node without a CA) gets plaintext passthrough.
+    let tunnel_peer = match (&shared.mtls, &pod.identity) {
+        (Some(mtls), Some(src_id)) => state
+            .config
+            .pod_by_ip(target.ip())
+            .and_then(|dst| mtls.identity_of(dst).ok())
+            .map(|dst_id| (mtls, src_id, dst_id)),
+        _ => None,
+    };
     drop(state);
-    let base = json!({
+    let mut base = json!({
         "id": id, "direction": "outbound", "pod": pod.key, "src": peer.to_string(),
         "orig_dst": orig.to_string(), "service": service, "endpoint": target.to_string(),
-        "endpoint_pod": endpoint_pod,
+        "endpoint_pod": endpoint_pod, "security": if tunnel_peer.is_some() { "mutual_tls" } else { "none" },
+        "src_identity": pod.identity.as_ref().map(|i| i.to_string()),
     });
     let started = Instant::now();
-    let mut up = match connect_from(&pod.netns, target).await {
-        Ok(up) => up,
-        Err(e) => {
-            shared.events.emit(with_event(&base, "conn_failed", json!({ "reason": e.to_string() })));
-            return;
-        }
-    };
-    shared.events.emit(with_event(&base, "conn_open", json!({})));
     let stats = RelayStats::default();
-    let reason = relay(&mut down, &mut up, &stats).await;
+    let reason = if let Some((mtls, src_id, dst_id)) = tunnel_peer {
+        let tunnel = SocketAddr::new(target.ip(), shared.ports.tunnel);
+        let netns = pod.netns.clone();
+        let dial = move |addr| async move { connect_from(&netns, addr).await };
+        let (mut stream, peer_id) = match mtls.pool.connect(src_id, tunnel, target, &[dst_id], dial).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                // Fail closed: never fall back to plaintext for a mesh destination.
+                shared.events.emit(with_event(&base, "conn_failed", json!({ "reason": format!("{e:#}") })));
+                return;
+            }
+        };
+        base["dst_identity"] = peer_id.to_string().into();
+        shared.events.emit(with_event(&base, "conn_open", json!({})));
+        relay(&mut down, &mut stream, &stats).await
+    } else {
+        let mut up = match connect_from(&pod.netns, target).await {
+            Ok(up) => up,
+            Err(e) => {
+                shared.events.emit(with_event(&base, "conn_failed", json!({ "reason": e.to_string() })));
+                return;
+            }
+        };
+        shared.events.emit(with_event(&base, "conn_open", json!({})));
+        relay(&mut down, &mut up, &stats).await
+    };
     shared.events.emit(with_event(&base, "conn_close", close_fields(&stats, started, &reason)));
 }
 

@@ -43,7 +43,13 @@ impl Scenario {
         for s in &servers {
             mesh.pod(s, "demo", "echo");
         }
-        mesh.service("echo", "demo", &[VIP4, VIP6], &[(SERVICE_PORT, SERVER_PORT)], &["server-1", "server-2"]);
+        mesh.service(
+            "echo",
+            "demo",
+            &[VIP4, VIP6],
+            &[(SERVICE_PORT, SERVER_PORT)],
+            &["server-1", "server-2"],
+        );
         let agent = Agent::start(&node, &mesh.to_toml()).context("starting the agent")?;
         Ok(Self { agent, client, servers, outsider, _servers: guards, node })
     }
