@@ -11,6 +11,8 @@ pub struct MeshFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     trust_domain: Option<String>,
     capture: Capture,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<Ca>,
     pods: Vec<PodEntry>,
     services: Vec<ServiceEntry>,
 }
@@ -20,6 +22,14 @@ pub struct MeshFile {
 struct Capture {
     exclude_ports: Vec<u16>,
     exclude_cidrs: Vec<String>,
+}
+
+/// The `[ca]` table.
+#[derive(Debug, Clone, Serialize)]
+struct Ca {
+    dir: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    svid_ttl_seconds: Option<u64>,
 }
 
 /// One `[[pods]]` entry.
@@ -61,6 +71,7 @@ impl MeshFile {
             node: node.to_owned(),
             trust_domain: None,
             capture: Capture::default(),
+            ca: None,
             pods: Vec::new(),
             services: Vec::new(),
         }
@@ -110,6 +121,12 @@ impl MeshFile {
     /// Excludes destination port `port` from capture.
     pub fn exclude_port(&mut self, port: u16) -> &mut Self {
         self.capture.exclude_ports.push(port);
+        self
+    }
+
+    /// Sets `[ca]`: the node CA directory (from `ferry ca issue-node`) and optionally the SVID TTL.
+    pub fn ca(&mut self, dir: &std::path::Path, svid_ttl_seconds: Option<u64>) -> &mut Self {
+        self.ca = Some(Ca { dir: dir.display().to_string(), svid_ttl_seconds });
         self
     }
 

@@ -66,7 +66,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
 
 /// Shortest and longest SVID lifetimes accepted: renewal at half-life must have room to retry, and a
 /// stolen key must not stay useful for long.
-const SVID_TTL_RANGE: std::ops::RangeInclusive<i64> = 60..=30 * 86_400;
+const SVID_TTL_RANGE: std::ops::RangeInclusive<i64> = 10..=30 * 86_400;
 
 fn ca(raw: RawCa) -> Result<CaSettings, ConfigError> {
     if !raw.dir.starts_with('/') {

@@ -22,6 +22,8 @@ pub async fn handle(
     pod: Arc<PodContext>,
     config: Arc<rustls::ServerConfig>,
 ) {
+    // One record per TLS connection (many tunnelled app connections share one).
+    pod.shared.events.emit(json!({ "event": "tunnel_accept", "pod": pod.key, "src": peer.to_string() }));
     let handler_pod = pod.clone();
     let handler = move |target: SocketAddr, peer_id: crate::identity::SpiffeId| {
         let pod = handler_pod.clone();
