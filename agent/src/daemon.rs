@@ -1,10 +1,7 @@
 //! `ferry run`: load the programs, enroll the node's pods, proxy until told to stop, and leave
 //! nothing behind in the kernel.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use serde_json::json;
@@ -13,9 +10,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     bpf::{Datapath, loader::CaptureParams},
     config::MeshConfig,
-    enroll::Enrollment,
     events::EventSink,
     proxy::{MeshState, ProxyPorts, ProxyShared, mtls::Mtls},
+    reconcile::NodeState,
 };
 
 /// Options of `ferry run`.
@@ -56,44 +53,64 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let (datapath, orig_dst) = Datapath::load(&params).context("loading eBPF programs")?;
     let program_ids = datapath.program_ids();
-    let datapath = Mutex::new(datapath);
-    let local: Vec<_> = config.local_pods().cloned().collect();
     let shared = Arc::new(ProxyShared::new(orig_dst, events, ports, mtls, MeshState::new(config)));
+    let node = Arc::new(NodeState::new(datapath, shared.clone()));
+    let pods = node.enroll_all().await.context("starting up")?;
+    shared.events.emit(json!({
+        "event": "ready", "pods": pods,
+        "programs": program_ids.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
+    }));
+    tracing::info!(pods, "ready");
 
-    let mut enrolled: Vec<Enrollment> = Vec::new();
-    for pod in &local {
-        match Enrollment::enroll(pod, &datapath, shared.clone()).await {
-            Ok(e) => {
-                tracing::info!(pod = %e.key, "enrolled");
-                shared.events.emit(json!({
-                    "event": "enrolled", "pod": e.key, "cgroup": e.cgroup, "netns_cookie": e.netns_cookie(),
-                    "links": e.link_ids().iter().map(|(p, id)| json!({"program": p, "id": id})).collect::<Vec<_>>(),
-                }));
-                enrolled.push(e);
+    let watcher = tokio::spawn(watch_mesh_file(opts.config.clone(), node.clone()));
+    wait_for_shutdown().await?;
+    tracing::info!("shutting down");
+    watcher.abort();
+    // The watcher holds a reference; wait until it is gone so dropping `node` unloads for real.
+    let _ = watcher.await;
+    node.shutdown().await;
+    // Dropping the last reference unloads the programs and closes the maps.
+    drop(node);
+    shared.events.emit(json!({ "event": "shutdown" }));
+    Ok(())
+}
+
+/// How often the mesh file is checked for changes. Polling (rather than inotify) also sees files
+/// replaced by rename, as editors and Kubernetes ConfigMap updates do.
+const RELOAD_POLL: Duration = Duration::from_millis(500);
+
+/// Applies valid changes of the mesh file; an invalid file is rejected and the running config kept.
+async fn watch_mesh_file(path: PathBuf, node: Arc<NodeState>) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(RELOAD_POLL).await;
+        let Ok(text) = std::fs::read(&path) else { continue };
+        if last.as_ref() == Some(&text) {
+            continue;
+        }
+        last = Some(text);
+        let events = &node.shared.events;
+        let config = match MeshConfig::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::error!(%error, "mesh file rejected; keeping the running config");
+                events.emit(json!({ "event": "reload_rejected", "error": error }));
+                continue;
             }
-            Err(err) => {
-                for e in enrolled {
-                    e.unenroll(&datapath);
-                }
-                return Err(err).context("enrolling pods");
+        };
+        match node.apply(config).await {
+            Ok(report) => {
+                tracing::info!(?report, "mesh file reloaded");
+                events.emit(json!({ "event": "reloaded", "report": report }));
+            }
+            Err(e) => {
+                let error = format!("{:#}", anyhow::Error::new(e));
+                tracing::error!(%error, "mesh file rejected; keeping the running config");
+                events.emit(json!({ "event": "reload_rejected", "error": error }));
             }
         }
     }
-    shared.events.emit(json!({
-        "event": "ready", "pods": enrolled.len(),
-        "programs": program_ids.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
-    }));
-    tracing::info!(pods = enrolled.len(), "ready");
-
-    wait_for_shutdown().await?;
-    tracing::info!("shutting down");
-    for e in enrolled {
-        e.unenroll(&datapath);
-    }
-    // Unloads the programs and closes the maps.
-    drop(datapath);
-    shared.events.emit(json!({ "event": "shutdown" }));
-    Ok(())
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

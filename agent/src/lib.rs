@@ -7,3 +7,4 @@ pub mod events;
 pub mod hbone;
 pub mod identity;
 pub mod proxy;
+pub mod reconcile;

@@ -62,14 +62,28 @@ impl Mtls {
             StoreSettings { svid_ttl: Duration::from_secs(ca.svid_ttl_seconds), ..Default::default() };
         let store = Arc::new(IdentityStore::new(Arc::new(node_ca), bundle, settings));
         let mtls = Self { pool: HbonePool::new(store.clone(), PoolSettings::default()), store, trust_domain };
-        for pod in config.local_pods() {
-            let id = mtls.identity_of(pod)?;
-            if !mtls.store.serves(&id) {
-                mtls.store.add(&id, UnixTime::now()).map_err(|e| MtlsError::Issue(id.to_string(), e))?;
-            }
-        }
+        mtls.sync_identities(config)?;
         mtls.store.spawn_renewal();
         Ok(mtls)
+    }
+
+    /// Issues SVIDs for identities of local pods that have none yet and drops identities no local
+    /// pod uses any more, so the node holds exactly its pods' identities.
+    pub fn sync_identities(&self, config: &MeshConfig) -> Result<(), MtlsError> {
+        let mut wanted = Vec::new();
+        for pod in config.local_pods() {
+            let id = self.identity_of(pod)?;
+            if !self.store.serves(&id) {
+                self.store.add(&id, UnixTime::now()).map_err(|e| MtlsError::Issue(id.to_string(), e))?;
+            }
+            wanted.push(id);
+        }
+        for status in self.store.status() {
+            if !wanted.contains(&status.id) {
+                self.store.remove(&status.id);
+            }
+        }
+        Ok(())
     }
 
     /// The SPIFFE ID a pod runs as: spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT.
