@@ -17,6 +17,7 @@ pub mod netns;
 mod node;
 mod pod;
 mod process;
+pub mod scenario;
 pub mod testapp;
 
 pub use agent::Agent;
@@ -26,3 +27,4 @@ pub use mesh::{MeshFile, PodEntry};
 pub use node::{BRIDGE, SimNode};
 pub use pod::{DEFAULT_TIMEOUT, Pod};
 pub use process::ChildGuard;
+pub use scenario::Scenario;

@@ -1,7 +1,8 @@
 //! Project tasks, run as `cargo xtask <task>`: set-up of the toolchain and host packages, build,
-//! test and demo. Depends on nothing in the workspace, because building the agent needs the
+//! test, demo and bench. Depends on nothing in the workspace, because building the agent needs the
 //! toolchain that `setup` installs.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -35,6 +36,12 @@ enum Task {
     Test,
     /// Set up, build, then run the demo on a simulated node.
     Demo,
+    /// Set up, build in release, then measure round-trip latency: direct versus through the proxy.
+    Bench {
+        /// A short run, for a smoke test.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// Prints the error chain without a backtrace: these errors explain themselves.
@@ -54,5 +61,6 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Build => build::run(),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
+        Task::Bench { quick } => bench::run(quick),
     }
 }
