@@ -1,10 +1,13 @@
 //! Ferry's node agent.
+pub mod admin;
 pub mod bpf;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod events;
 pub mod hbone;
 pub mod identity;
+pub mod metrics;
 pub mod proxy;
 pub mod reconcile;

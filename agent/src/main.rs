@@ -2,12 +2,14 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 /// Ferry: eBPF-accelerated node-level service mesh agent.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about)]
+#[command(name = "ferry", version, about, after_help = ferry::cli::EXIT_CODES)]
 struct Cli {
+    #[command(flatten)]
+    global: ferry::cli::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +28,9 @@ enum Command {
     /// Manage the embedded CA.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Commands that ask the running agent over its admin socket.
+    #[command(flatten)]
+    Client(ferry::cli::ClientCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,16 +55,14 @@ enum CaCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let result = match cli.command {
-        Command::Run { config, events } => run_daemon(ferry::daemon::RunOptions { config, events }),
-        Command::Ca(cmd) => run_ca(cmd),
+        Command::Client(cmd) => return ferry::cli::run(&cli.global, cmd, Cli::command).into(),
+        // The log handle changes the filter at run time (`ferry log-level`); the daemon keeps it
+        // once it serves the admin API.
+        Command::Run { config, events } => {
+            init_logging().and_then(|_log_control| run_daemon(ferry::daemon::RunOptions { config, events }))
+        }
+        Command::Ca(cmd) => init_logging().and_then(|_| run_ca(cmd)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -68,6 +71,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr, filtered by FERRY_LOG (default info), with a filter that can be swapped later.
+fn init_logging() -> anyhow::Result<ferry::admin::log_level::LogControl> {
+    Ok(ferry::admin::log_level::init("FERRY_LOG", "info")?)
 }
 
 fn run_daemon(opts: ferry::daemon::RunOptions) -> anyhow::Result<()> {

@@ -1,0 +1,118 @@
+//! The admin API: read-only views of the agent plus log-level changes, served as JSON over HTTP/1.1
+//! on a root-only Unix socket (never a TCP port, so pods cannot reach it).
+//!
+//! The daemon implements [`AdminState`]; [`AdminServer`] serves it. Endpoints (GET unless noted):
+//!
+//! | path | answer |
+//! | --- | --- |
+//! | `/status` | [`model::StatusView`] |
+//! | `/config_dump` | the daemon's config as free-form JSON |
+//! | `/workloads` | array of [`model::WorkloadView`] |
+//! | `/services` | array of [`model::ServiceView`] |
+//! | `/certs` | array of [`model::CertView`] |
+//! | `/connections` | array of [`model::ConnectionView`] |
+//! | `/bpf` | [`model::BpfView`] |
+//! | `/ready` | `{"ready": bool}`, 200 when ready, 503 when not |
+//! | `/live` | `{"live": true}` |
+//! | `POST /log-level` | `level=` in the query or the body (or a JSON `{"level": ..}` body): `{"level": ..}` |
+//! | `/trace?pod=NS/NAME&dest=IP:PORT` | [`model::TraceView`] |
+//!
+//! Errors are `{"error": "message"}` with 400 (bad parameters), 404 (unknown path or pod),
+//! 405 (wrong method), 500 (the daemon failed) or 503 (not ready).
+
+pub(crate) mod httpd;
+pub mod log_level;
+pub mod model;
+pub mod query;
+pub mod server;
+#[cfg(test)]
+pub(crate) mod test_support;
+
+use std::net::SocketAddr;
+
+pub use server::{AdminServer, AdminServerError};
+
+use model::{BpfView, CertView, ConnectionView, ServiceView, StatusView, TraceView, WorkloadView};
+
+/// Where the agent serves the admin API unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/ferry/admin.sock";
+
+/// What the daemon exposes to the admin API. Methods run on a blocking thread, so they may take
+/// locks or read eBPF maps; they should not wait on the network.
+pub trait AdminState: Send + Sync + 'static {
+    /// `GET /status`.
+    fn status(&self) -> StatusView;
+    /// `GET /config_dump`: the effective configuration, in any JSON shape.
+    fn config_dump(&self) -> serde_json::Value;
+    /// `GET /workloads`: the pods this node serves, enrolled or not.
+    fn workloads(&self) -> Vec<WorkloadView>;
+    /// `GET /services`.
+    fn services(&self) -> Vec<ServiceView>;
+    /// `GET /certs`: one entry per identity held.
+    fn certs(&self) -> Vec<CertView>;
+    /// `GET /connections`: connections being relayed now.
+    fn connections(&self) -> Vec<ConnectionView>;
+    /// `GET /bpf`: programs, links, map fill and counters (reads the kernel).
+    fn bpf(&self) -> Result<BpfView, StateError>;
+    /// `GET /ready`: programs loaded and every local pod enrolled.
+    fn ready(&self) -> bool;
+    /// `POST /log-level`: applies a directive the server has already checked with
+    /// [`log_level::parse_directive`] (typically through [`log_level::LogControl::set`]).
+    fn set_log_level(&self, directive: &str) -> Result<(), StateError>;
+    /// `GET /trace`: what would happen if `pod` ("namespace/name") connected to `dest`.
+    fn trace(&self, pod: &str, dest: SocketAddr) -> Result<TraceView, StateError>;
+}
+
+/// A failure the daemon reports to the admin API; the variant picks the HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Something named in the request does not exist (404), such as a pod not on this node.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request makes no sense for this agent (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The daemon could not answer (500), such as a failed map read.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Checks a pod key of the form `namespace/name`, as the trace endpoint and the CLI take it.
+pub fn check_pod_key(key: &str) -> Result<(), String> {
+    match key.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok(()),
+        _ => Err(format!("pod {key:?} is not NAMESPACE/NAME")),
+    }
+}
+
+/// Parses a trace destination `IP:PORT` (`[V6]:PORT` for IPv6), refusing port 0.
+pub fn parse_dest(dest: &str) -> Result<SocketAddr, String> {
+    match dest.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr),
+        Ok(_) => Err(format!("destination {dest:?} has port 0")),
+        Err(_) => Err(format!("destination {dest:?} is not IP:PORT (write IPv6 as [ADDR]:PORT)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_keys() {
+        assert!(check_pod_key("default/web").is_ok());
+        for bad in ["web", "/web", "default/", "a/b/c", ""] {
+            let e = check_pod_key(bad).expect_err(bad);
+            assert!(e.contains("NAMESPACE/NAME"), "{e}");
+        }
+    }
+
+    #[test]
+    fn destinations() {
+        assert_eq!(parse_dest("10.0.0.1:80").expect("v4").port(), 80);
+        assert!(parse_dest("[fd00::1]:443").expect("v6").is_ipv6());
+        assert!(parse_dest("10.0.0.1:0").expect_err("port 0").contains("port 0"));
+        assert!(parse_dest("10.0.0.1").expect_err("no port").contains("IP:PORT"));
+        assert!(parse_dest("web:80").expect_err("name").contains("IP:PORT"));
+    }
+}

@@ -1,0 +1,143 @@
+//! `ferry trace`: the agent's trace answer told as sentences.
+
+use crate::admin::model::{ModeView, TraceView, Transport};
+
+use super::render::labelled;
+
+/// Explains what would happen to a connection from `t.pod` to `t.dest`, and why.
+pub fn explain(t: &TraceView) -> String {
+    let mut lines: Vec<(&str, String)> = Vec::new();
+    if !t.captured {
+        lines.push(("Captured", format!("no: {}", t.reason)));
+        lines.push((
+            "Result",
+            format!("{} connects to {} directly; the proxy is not involved", t.pod, t.dest),
+        ));
+        return finish(t, lines);
+    }
+    let by = t.program.as_deref().map(|p| format!(" by {p}")).unwrap_or_default();
+    lines.push(("Captured", format!("yes{by}: {}", t.reason)));
+    match &t.service {
+        Some(s) => lines
+            .push(("Service", format!("{} (VIP {}, forwarded to port {})", s.name, s.vip, s.target_port))),
+        None => lines.push(("Service", format!("none: {} is not a service VIP", t.dest))),
+    }
+    if let Some(e) = &t.endpoint {
+        let who = e.pod.as_deref().map(|p| format!("{p} at ")).unwrap_or_default();
+        let node = e.node.as_deref().map(|n| format!(" on node {n}")).unwrap_or_default();
+        lines.push(("Endpoint", format!("{who}{}{node}", e.address)));
+    } else if t.service.is_some() {
+        lines.push(("Endpoint", "none available: the connection would be refused".to_owned()));
+    }
+    let identity = |id: &Option<String>, missing: &str| id.clone().unwrap_or_else(|| missing.into());
+    lines.push((
+        "Identities",
+        format!(
+            "{} -> {}",
+            identity(&t.source_identity, "(none: no CA on this node)"),
+            identity(&t.destination_identity, "(none: destination outside the mesh)")
+        ),
+    ));
+    if let Some(transport) = t.transport {
+        lines.push(("Transport", transport_text(transport).to_owned()));
+    }
+    if let Some(mode) = t.destination_mode {
+        lines.push(("Destination mode", mode_text(mode).to_owned()));
+    }
+    if let Some(allowed) = t.allowed {
+        let verdict = if allowed { "allowed" } else { "denied: the connection would be refused" };
+        lines.push(("Policy", verdict.to_owned()));
+    }
+    finish(t, lines)
+}
+
+fn finish(t: &TraceView, mut lines: Vec<(&str, String)>) -> String {
+    for note in &t.notes {
+        lines.push(("Note", note.clone()));
+    }
+    format!("{} -> {}\n{}", t.pod, t.dest, labelled(&lines))
+}
+
+fn transport_text(t: Transport) -> &'static str {
+    match t {
+        Transport::Hbone => "HBONE: HTTP/2 CONNECT over mutual TLS to the endpoint's tunnel port",
+        Transport::Plaintext => "plain TCP from the proxy (the destination is outside the mesh)",
+        Transport::Local => "node-local: spliced inside the agent, identities and policy still checked",
+        Transport::Passthrough => "passthrough: the kernel connects directly, without the proxy",
+    }
+}
+
+fn mode_text(m: ModeView) -> &'static str {
+    match m {
+        ModeView::Strict => "strict: only mTLS from the mesh is accepted",
+        ModeView::Permissive => "permissive: mTLS from the mesh and plaintext from outside it",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::model::{TraceEndpointView, TraceServiceView};
+
+    fn base() -> TraceView {
+        TraceView {
+            pod: "default/client".into(),
+            dest: "10.96.0.10:80".parse().expect("addr"),
+            captured: true,
+            program: Some("ferry_connect4".into()),
+            reason: "destination is not excluded".into(),
+            service: Some(TraceServiceView {
+                name: "default/web".into(),
+                vip: "10.96.0.10:80".parse().expect("addr"),
+                target_port: 8080,
+            }),
+            endpoint: Some(TraceEndpointView {
+                pod: Some("default/web-1".into()),
+                address: "10.0.1.7:8080".parse().expect("addr"),
+                node: Some("node-b".into()),
+            }),
+            source_identity: Some("spiffe://td/ns/default/sa/client".into()),
+            destination_identity: Some("spiffe://td/ns/default/sa/web".into()),
+            transport: Some(Transport::Hbone),
+            destination_mode: Some(ModeView::Strict),
+            allowed: Some(true),
+            notes: vec!["picked by load".into()],
+        }
+    }
+
+    #[test]
+    fn captured_connection_names_each_decision() {
+        let text = explain(&base());
+        assert!(text.starts_with("default/client -> 10.96.0.10:80\n"), "{text}");
+        for want in [
+            "Captured:          yes by ferry_connect4: destination is not excluded",
+            "Service:           default/web (VIP 10.96.0.10:80, forwarded to port 8080)",
+            "Endpoint:          default/web-1 at 10.0.1.7:8080 on node node-b",
+            "Identities:        spiffe://td/ns/default/sa/client -> spiffe://td/ns/default/sa/web",
+            "Transport:         HBONE",
+            "Destination mode:  strict",
+            "Policy:            allowed",
+            "Note:              picked by load",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn uncaptured_connection_says_why_and_stops() {
+        let t = TraceView { captured: false, reason: "port 22 is excluded".into(), ..base() };
+        let text = explain(&t);
+        assert!(text.contains("Captured:  no: port 22 is excluded"), "{text}");
+        assert!(text.contains("connects to 10.96.0.10:80 directly"), "{text}");
+        assert!(!text.contains("Service"), "{text}");
+    }
+
+    #[test]
+    fn service_without_endpoint_is_refused() {
+        let t = TraceView { endpoint: None, allowed: None, source_identity: None, ..base() };
+        let text = explain(&t);
+        assert!(text.contains("none available"), "{text}");
+        assert!(text.contains("(none: no CA on this node) -> "), "{text}");
+        assert!(!text.contains("Policy"), "{text}");
+    }
+}
