@@ -8,20 +8,31 @@ use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    admin::{AdminServer, log_level::LogControl},
     bpf::{Datapath, loader::CaptureParams},
     config::MeshConfig,
     events::EventSink,
-    proxy::{MeshState, ProxyPorts, ProxyShared, mtls::Mtls},
+    introspect::Introspect,
+    metrics::{BuildInfo, Metrics, MetricsServer},
+    proxy::{MeshState, ProxyPorts, ProxyShared, Sinks, mtls::Mtls},
     reconcile::NodeState,
 };
 
 /// Options of `ferry run`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// The mesh file.
     pub config: PathBuf,
     /// Where to append JSON-lines events, if anywhere.
     pub events: Option<PathBuf>,
+    /// Where to append the access log (one JSON line per connection), if anywhere.
+    pub access_log: Option<PathBuf>,
+    /// The admin API's Unix socket.
+    pub admin_socket: PathBuf,
+    /// The Prometheus endpoint's address (in the node's netns).
+    pub metrics_addr: std::net::SocketAddr,
+    /// Changes the log filter at run time (`ferry log-level`).
+    pub log: Option<LogControl>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -30,6 +41,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let config = MeshConfig::load(&opts.config).context("invalid mesh file")?;
     let events = EventSink::open(opts.events.as_deref())
         .with_context(|| format!("opening events file {:?}", opts.events))?;
+    let access_log = EventSink::open(opts.access_log.as_deref())
+        .with_context(|| format!("opening access log {:?}", opts.access_log))?;
+    let metrics = Arc::new(Metrics::new(&BuildInfo::current()).context("setting up metrics")?);
+    // Bind the operator endpoints before touching the kernel: a second agent fails here.
+    let admin = AdminServer::bind(&opts.admin_socket).await.context("starting the admin API")?;
+    let metrics_server =
+        MetricsServer::bind(opts.metrics_addr).await.context("starting the metrics endpoint")?;
     // Identities before the kernel: a bad CA directory must not leave half an agent behind.
     let mtls = match &config.ca {
         Some(ca) => Some(Mtls::start(ca, &config).context("setting up workload identities")?),
@@ -53,8 +71,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let (datapath, orig_dst) = Datapath::load(&params).context("loading eBPF programs")?;
     let program_ids = datapath.program_ids();
-    let shared = Arc::new(ProxyShared::new(orig_dst, events, ports, mtls, MeshState::new(config)));
+    let sinks = Sinks { events, access_log, metrics: metrics.clone() };
+    let shared = Arc::new(ProxyShared::new(orig_dst, sinks, ports, mtls, MeshState::new(config)));
     let node = Arc::new(NodeState::new(datapath, shared.clone()));
+    let counter_node = node.clone();
+    metrics.set_bpf_source(Arc::new(move || Introspect::bpf_redirects(&counter_node)));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let introspect = Arc::new(Introspect::new(node.clone(), opts.log.clone(), opts.config.clone()));
+    let admin_task = tokio::spawn(admin.serve(introspect, stopped(stop_rx.clone())));
+    let metrics_task = tokio::spawn(metrics_server.serve(metrics.clone(), stopped(stop_rx)));
     let pods = node.enroll_all().await.context("starting up")?;
     shared.events.emit(json!({
         "event": "ready", "pods": pods,
@@ -68,6 +96,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     watcher.abort();
     // The watcher holds a reference; wait until it is gone so dropping `node` unloads for real.
     let _ = watcher.await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::join!(admin_task, metrics_task);
+    // The scrape hook holds a reference to the node state too.
+    metrics.set_bpf_source(Arc::new(Vec::new));
     node.shutdown().await;
     // Dropping the last reference unloads the programs and closes the maps.
     drop(node);

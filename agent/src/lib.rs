@@ -8,6 +8,7 @@ pub mod enroll;
 pub mod events;
 pub mod hbone;
 pub mod identity;
+pub mod introspect;
 pub mod metrics;
 pub mod proxy;
 pub mod reconcile;

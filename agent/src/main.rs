@@ -24,6 +24,12 @@ enum Command {
         /// Append JSON-lines events (enrollment, readiness, one record per connection) to this file.
         #[arg(long)]
         events: Option<PathBuf>,
+        /// Append the access log (one JSON line per connection, Istio's labels) to this file.
+        #[arg(long)]
+        access_log: Option<PathBuf>,
+        /// Serve Prometheus metrics here (in the node's network namespace).
+        #[arg(long, default_value_t = ferry::metrics::DEFAULT_ADDR)]
+        metrics_addr: std::net::SocketAddr,
     },
     /// Manage the embedded CA.
     #[command(subcommand)]
@@ -57,11 +63,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Client(cmd) => return ferry::cli::run(&cli.global, cmd, Cli::command).into(),
-        // The log handle changes the filter at run time (`ferry log-level`); the daemon keeps it
-        // once it serves the admin API.
-        Command::Run { config, events } => {
-            init_logging().and_then(|_log_control| run_daemon(ferry::daemon::RunOptions { config, events }))
-        }
+        // The log handle changes the filter at run time (`ferry log-level`); the daemon keeps it.
+        Command::Run { config, events, access_log, metrics_addr } => init_logging().and_then(|log| {
+            run_daemon(ferry::daemon::RunOptions {
+                config,
+                events,
+                access_log,
+                admin_socket: cli.global.admin_socket.clone(),
+                metrics_addr,
+                log: Some(log),
+            })
+        }),
         Command::Ca(cmd) => init_logging().and_then(|_| run_ca(cmd)),
     };
     match result {

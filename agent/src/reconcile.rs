@@ -140,9 +140,10 @@ impl NodeState {
         }
     }
 
-    /// Runs `f` over the enrolled pods (for the admin API).
-    pub async fn with_enrolled<T>(&self, f: impl FnOnce(&BTreeMap<String, (Pod, Enrollment)>) -> T) -> T {
-        f(&*self.enrolled.lock().await)
+    /// Runs `f` over the enrolled pods from a blocking thread (the admin API and metrics scrapes
+    /// call in from blocking threads; never call this from async code).
+    pub fn with_enrolled_blocking<T>(&self, f: impl FnOnce(&BTreeMap<String, (Pod, Enrollment)>) -> T) -> T {
+        f(&self.enrolled.blocking_lock())
     }
 
     async fn enroll(&self, pod: &Pod) -> Result<Enrollment, EnrollError> {

@@ -52,6 +52,10 @@ impl Agent {
             .arg(&mesh)
             .arg("--events")
             .arg(&events)
+            .arg("--access-log")
+            .arg(dir.path().join("access.log"))
+            .arg("--admin-socket")
+            .arg(dir.path().join("admin.sock"))
             .stdin(Stdio::null())
             .stdout(log("stdout.log")?)
             .stderr(log("stderr.log")?);
@@ -70,6 +74,20 @@ impl Agent {
 
     fn child(&self) -> MutexGuard<'_, ChildGuard> {
         self.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The agent's admin socket (DIR/admin.sock), for `ferry --admin-socket`.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
+    /// The access log's lines (DIR/access.log), parsed.
+    pub fn access_log(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// The directory holding mesh.toml, events.jsonl, stdout.log and stderr.log.

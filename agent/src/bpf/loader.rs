@@ -85,6 +85,7 @@ pub struct Datapath {
     inbound_listeners: SockHash<MapData, PodAddr>,
     counters: PerCpuArray<MapData, u64>,
     pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
+    inbound_pod_counters: PerCpuHashMap<MapData, PodAddr, u64>,
 }
 
 /// Global eBPF counters summed over CPUs, in `ferry_common::counter` order.
@@ -113,7 +114,8 @@ impl Datapath {
         let inbound_listeners = take_map(&mut ebpf, maps::INBOUND_LISTENERS)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let pod_counters = take_map(&mut ebpf, maps::POD_COUNTERS)?;
-        let mut datapath = Self { ebpf, inbound_listeners, counters, pod_counters };
+        let inbound_pod_counters = take_map(&mut ebpf, maps::INBOUND_POD_COUNTERS)?;
+        let mut datapath = Self { ebpf, inbound_listeners, counters, pod_counters, inbound_pod_counters };
         datapath.configure(params)?;
         Ok((datapath, orig_dst))
     }
@@ -215,6 +217,11 @@ impl Datapath {
             }
         }
         out
+    }
+
+    /// Inbound SYNs steered to the listener of pod address `ip`, summed over CPUs.
+    pub fn inbound_steers(&self, ip: IpAddr) -> u64 {
+        self.inbound_pod_counters.get(&pod_addr(ip), 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     /// Outbound redirects of the pod whose cgroup id is `cgroup_id`, summed over CPUs.

@@ -36,6 +36,14 @@ pub enum EnrollError {
         /// The cause.
         source: NetnsError,
     },
+    /// The cgroup directory is missing or unreadable.
+    #[error("pod {pod}: reading its cgroup")]
+    Cgroup {
+        /// "namespace/name".
+        pod: String,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// An in-pod listener could not be opened.
     #[error("pod {pod}: listening on {addr} in its netns")]
     Listen {
@@ -69,6 +77,8 @@ pub struct Enrollment {
     pub key: String,
     /// The pod's cgroup directory.
     pub cgroup: PathBuf,
+    /// The cgroup's id (its inode), as the kernel programs key per-pod counters.
+    pub cgroup_id: u64,
     attachment: Option<PodAttachment>,
     inbound_ips: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -100,6 +110,8 @@ impl Enrollment {
         let ips: Vec<IpAddr> = pod.ips().collect();
         let context = Arc::new(PodContext {
             key: key.clone(),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
             netns,
             identity,
             mode: pod.mode,
@@ -109,6 +121,10 @@ impl Enrollment {
         let mut enrollment = Self {
             key: key.clone(),
             cgroup: cgroup.clone(),
+            cgroup_id: std::os::unix::fs::MetadataExt::ino(
+                &std::fs::metadata(&cgroup)
+                    .map_err(|source| EnrollError::Cgroup { pod: key.clone(), source })?,
+            ),
             attachment: None,
             inbound_ips: Vec::new(),
             tasks: Vec::new(),
@@ -179,6 +195,11 @@ impl Enrollment {
     /// (program, link id) pairs of this pod's attachments.
     pub fn link_ids(&self) -> Vec<(&'static str, u32)> {
         self.attachment.as_ref().map(|a| a.link_ids()).unwrap_or_default()
+    }
+
+    /// The pod's addresses registered for inbound steering.
+    pub fn inbound_ips(&self) -> &[IpAddr] {
+        &self.inbound_ips
     }
 
     /// The pod's netns cookie.

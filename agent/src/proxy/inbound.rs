@@ -1,25 +1,55 @@
-//! The inbound path: a SYN from outside the pod, steered by sk_lookup to the in-pod inbound
-//! listener, is handed to the app over loopback with its destination port preserved. The accepted
-//! socket's local address is the original destination.
+//! The inbound plaintext path: a SYN from outside the pod, steered by sk_lookup to the in-pod
+//! inbound listener, is handed to the app over loopback with its destination port preserved (the
+//! accepted socket's local address is the original destination). STRICT pods refuse it.
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Instant,
 };
 
-use serde_json::json;
-
-use crate::config::Mode;
 use tokio::net::TcpStream;
 
-use super::{
-    PodContext,
-    outbound::{close_fields, with_event},
-    relay::{RelayStats, relay},
-    sockets::connect_from,
+use super::{PodContext, conns::ConnMeta, relay::relay, sockets::connect_from};
+use crate::{
+    admin::model::Direction,
+    config::Mode,
+    metrics::{ConnLabels, Reporter, SecurityPolicy},
 };
+
+/// Builds the record of an inbound connection to `pod` from `peer` for `orig`.
+pub(super) fn inbound_meta(
+    pod: &PodContext,
+    id: u64,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    security: SecurityPolicy,
+) -> ConnMeta {
+    let mut labels = ConnLabels::unknown(Reporter::Destination);
+    labels.destination_workload = pod.name.clone();
+    labels.destination_workload_namespace = pod.namespace.clone();
+    labels.connection_security_policy = security;
+    let src_pod = pod.shared.state().config.pod_by_ip(peer.ip()).map(|p| {
+        labels.source_workload = p.name.clone();
+        labels.source_workload_namespace = p.namespace.clone();
+        p.key()
+    });
+    ConnMeta {
+        id,
+        direction: Direction::Inbound,
+        pod: pod.key.clone(),
+        src: peer,
+        src_pod,
+        original_dst: orig,
+        endpoint: None,
+        endpoint_pod: None,
+        service: None,
+        source_identity: None,
+        destination_identity: None,
+        security,
+        labels,
+    }
+}
 
 /// Handles one accepted inbound plaintext connection.
 pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
@@ -32,41 +62,27 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
             return;
         }
     };
-    let src_pod = shared.state().config.pod_by_ip(peer.ip()).map(|p| p.key());
-    let base = json!({
-        "id": id, "direction": "inbound", "pod": pod.key, "src": peer.to_string(), "src_pod": src_pod,
-        "orig_dst": orig.to_string(), "security": "none",
-    });
+    let meta = inbound_meta(&pod, id, peer, orig, SecurityPolicy::None);
     if pod.mode == Mode::Strict {
         // STRICT: only mutually authenticated tunnels may reach this pod.
-        shared.events.emit(with_event(
-            &base,
-            "conn_refused",
-            json!({ "reason": "plaintext refused: STRICT mode" }),
-        ));
+        shared.reject_conn(&meta, "conn_refused", "plaintext refused: STRICT mode");
         return;
     }
     if shared.ports.contains(orig.port()) {
         // Forwarding to our own port over loopback would come straight back: refuse.
-        shared.events.emit(with_event(
-            &base,
-            "conn_refused",
-            json!({ "reason": "destination is a proxy port" }),
-        ));
+        shared.reject_conn(&meta, "conn_refused", "destination is a proxy port");
         return;
     }
-    let started = Instant::now();
     let mut up = match connect_to_app(&pod, orig).await {
         Ok(up) => up,
         Err(e) => {
-            shared.events.emit(with_event(&base, "conn_failed", json!({ "reason": e.to_string() })));
+            shared.reject_conn(&meta, "conn_failed", &e.to_string());
             return;
         }
     };
-    shared.events.emit(with_event(&base, "conn_open", json!({})));
-    let stats = RelayStats::default();
-    let reason = relay(&mut down, &mut up, &stats).await;
-    shared.events.emit(with_event(&base, "conn_close", close_fields(&stats, started, &reason)));
+    let conn = shared.open_conn(meta);
+    let reason = relay(&mut down, &mut up, conn.stats()).await;
+    conn.close(&reason);
 }
 
 /// Connects to the app on loopback of the same family; an app listening on only the other family's

@@ -1,6 +1,7 @@
 //! The node proxy: per-pod listeners, the outbound and inbound paths, and what they share.
 
 pub mod balance;
+pub mod conns;
 pub mod inbound;
 pub mod mtls;
 pub mod outbound;
@@ -26,7 +27,9 @@ use crate::{
     enroll::netns::PodNetns,
     events::EventSink,
     identity::SpiffeId,
+    metrics::Metrics,
 };
+use conns::ConnTable;
 use mtls::Mtls;
 use routes::Routes;
 
@@ -75,6 +78,12 @@ pub struct ProxyShared {
     pub ports: ProxyPorts,
     /// Identities and the tunnel pool; `None` when the mesh file names no CA (plaintext only).
     pub mtls: Option<Mtls>,
+    /// One line per connection, for operators.
+    pub access_log: EventSink,
+    /// Prometheus families.
+    pub metrics: Arc<Metrics>,
+    /// Connections being relayed.
+    pub conns: ConnTable,
     state: RwLock<Arc<MeshState>>,
     next_conn_id: AtomicU64,
 }
@@ -83,13 +92,22 @@ impl ProxyShared {
     /// Creates the shared state.
     pub fn new(
         orig_dst: OrigDstTable,
-        events: EventSink,
+        sinks: Sinks,
         ports: ProxyPorts,
         mtls: Option<Mtls>,
         state: MeshState,
     ) -> Self {
-        let state = RwLock::new(Arc::new(state));
-        Self { orig_dst, events, ports, mtls, state, next_conn_id: AtomicU64::new(1) }
+        Self {
+            orig_dst,
+            events: sinks.events,
+            access_log: sinks.access_log,
+            metrics: sinks.metrics,
+            conns: ConnTable::default(),
+            ports,
+            mtls,
+            state: RwLock::new(Arc::new(state)),
+            next_conn_id: AtomicU64::new(1),
+        }
     }
 
     /// The current mesh state (cheap: one Arc clone).
@@ -102,15 +120,29 @@ impl ProxyShared {
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
     }
 
-    fn next_id(&self) -> u64 {
+    pub(crate) fn next_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// Where the proxy reports what it does.
+pub struct Sinks {
+    /// Machine-readable events (tests, the demo).
+    pub events: EventSink,
+    /// The access log.
+    pub access_log: EventSink,
+    /// Prometheus families.
+    pub metrics: Arc<Metrics>,
 }
 
 /// One enrolled pod as its proxy tasks see it.
 pub struct PodContext {
     /// "namespace/name".
     pub key: String,
+    /// The pod's name.
+    pub name: String,
+    /// The pod's namespace.
+    pub namespace: String,
     /// The pod's netns worker.
     pub netns: PodNetns,
     /// The pod's SPIFFE identity, when the node has a CA.

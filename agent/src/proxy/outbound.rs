@@ -1,16 +1,16 @@
 //! The outbound path: a connection the pod's app made, redirected by connect4/6 to the in-pod
-//! outbound listener, goes to its original destination (or a service endpoint) from the pod's netns.
+//! outbound listener, goes to its original destination (or a service endpoint) from the pod's netns:
+//! through the destination's HBONE tunnel when it is a mesh pod, as plaintext otherwise.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use super::{
-    PodContext,
-    relay::{RelayStats, relay},
-    routes::Resolved,
-    sockets::connect_from,
+use super::{PodContext, conns::ConnMeta, relay::relay, routes::Resolved, sockets::connect_from};
+use crate::{
+    admin::model::Direction,
+    metrics::{ConnLabels, Reporter, SecurityPolicy},
 };
 
 /// Handles one accepted outbound connection.
@@ -28,39 +28,58 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         return;
     };
     let state = shared.state();
-    let (target, service, endpoint_pod, _pick) = match state.routes.resolve(orig) {
-        Ok(Resolved::Direct(addr)) => (addr, None, state.config.pod_by_ip(addr.ip()).map(|p| p.key()), None),
+    let mut labels = ConnLabels::unknown(Reporter::Source);
+    labels.source_workload = pod.name.clone();
+    labels.source_workload_namespace = pod.namespace.clone();
+    if let Some(id) = &pod.identity {
+        labels.source_principal = id.to_string();
+    }
+    let mut meta = ConnMeta {
+        id,
+        direction: Direction::Outbound,
+        pod: pod.key.clone(),
+        src: peer,
+        src_pod: None,
+        original_dst: orig,
+        endpoint: None,
+        endpoint_pod: None,
+        service: None,
+        source_identity: pod.identity.as_ref().map(|i| i.to_string()),
+        destination_identity: None,
+        security: SecurityPolicy::None,
+        labels,
+    };
+    let (target, _pick) = match state.routes.resolve(orig) {
+        Ok(Resolved::Direct(addr)) => (addr, None),
         Ok(Resolved::Service { route, pick }) => {
-            (pick.target, Some(route.name.clone()), Some(pick.pod().to_string()), Some(pick))
+            meta.service = Some(route.name.clone());
+            meta.labels.destination_service = route.name.clone();
+            (pick.target, Some(pick))
         }
         Err(e) => {
-            shared.events.emit(json!({
-                "event": "conn_failed", "id": id, "direction": "outbound", "pod": pod.key,
-                "src": peer.to_string(), "orig_dst": orig.to_string(), "reason": e.to_string(),
-            }));
+            shared.reject_conn(&meta, "conn_failed", &e.to_string());
             return;
         }
     };
+    meta.endpoint = Some(target);
+    let dst_pod = state.config.pod_by_ip(target.ip());
+    if let Some(dst) = dst_pod {
+        meta.endpoint_pod = Some(dst.key());
+        meta.labels.destination_workload = dst.name.clone();
+        meta.labels.destination_workload_namespace = dst.namespace.clone();
+    }
     // A destination pod of the mesh is reached through its tunnel with mutual TLS; anything else
     // (outside the mesh, or a node without a CA) gets plaintext passthrough.
-    let tunnel_peer = match (&shared.mtls, &pod.identity) {
-        (Some(mtls), Some(src_id)) => state
-            .config
-            .pod_by_ip(target.ip())
-            .and_then(|dst| mtls.identity_of(dst).ok())
-            .map(|dst_id| (mtls, src_id, dst_id)),
+    let tunnel_peer = match (&shared.mtls, &pod.identity, dst_pod) {
+        (Some(mtls), Some(src_id), Some(dst)) => {
+            mtls.identity_of(dst).ok().map(|dst_id| (mtls, src_id, dst_id))
+        }
         _ => None,
     };
     drop(state);
-    let mut base = json!({
-        "id": id, "direction": "outbound", "pod": pod.key, "src": peer.to_string(),
-        "orig_dst": orig.to_string(), "service": service, "endpoint": target.to_string(),
-        "endpoint_pod": endpoint_pod, "security": if tunnel_peer.is_some() { "mutual_tls" } else { "none" },
-        "src_identity": pod.identity.as_ref().map(|i| i.to_string()),
-    });
-    let started = Instant::now();
-    let stats = RelayStats::default();
-    let reason = if let Some((mtls, src_id, dst_id)) = tunnel_peer {
+    if let Some((mtls, src_id, dst_id)) = tunnel_peer {
+        meta.security = SecurityPolicy::MutualTls;
+        meta.labels.connection_security_policy = SecurityPolicy::MutualTls;
         let tunnel = SocketAddr::new(target.ip(), shared.ports.tunnel);
         let netns = pod.netns.clone();
         let dial = move |addr| async move { connect_from(&netns, addr).await };
@@ -68,52 +87,26 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
             Ok(ok) => ok,
             Err(e) => {
                 // Fail closed: never fall back to plaintext for a mesh destination.
-                shared.events.emit(with_event(&base, "conn_failed", json!({ "reason": format!("{e:#}") })));
+                shared.reject_conn(&meta, "conn_failed", &format!("{e:#}"));
                 return;
             }
         };
-        base["dst_identity"] = peer_id.to_string().into();
-        shared.events.emit(with_event(&base, "conn_open", json!({})));
-        relay(&mut down, &mut stream, &stats).await
+        meta.destination_identity = Some(peer_id.to_string());
+        meta.labels.destination_principal = peer_id.to_string();
+        let conn = shared.open_conn(meta);
+        let reason = relay(&mut down, &mut stream, conn.stats()).await;
+        conn.close(&reason);
     } else {
+        meta.labels.connection_security_policy = SecurityPolicy::None;
         let mut up = match connect_from(&pod.netns, target).await {
             Ok(up) => up,
             Err(e) => {
-                shared.events.emit(with_event(&base, "conn_failed", json!({ "reason": e.to_string() })));
+                shared.reject_conn(&meta, "conn_failed", &e.to_string());
                 return;
             }
         };
-        shared.events.emit(with_event(&base, "conn_open", json!({})));
-        relay(&mut down, &mut up, &stats).await
-    };
-    shared.events.emit(with_event(&base, "conn_close", close_fields(&stats, started, &reason)));
-}
-
-/// Adds the event name and extra fields to a connection's base record.
-pub(super) fn with_event(
-    base: &serde_json::Value,
-    event: &str,
-    extra: serde_json::Value,
-) -> serde_json::Value {
-    let mut v = base.clone();
-    if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
-        obj.insert("event".into(), event.into());
-        obj.extend(extra);
+        let conn = shared.open_conn(meta);
+        let reason = relay(&mut down, &mut up, conn.stats()).await;
+        conn.close(&reason);
     }
-    v
-}
-
-/// Fields of a conn_close record.
-pub(super) fn close_fields(
-    stats: &RelayStats,
-    started: Instant,
-    reason: &super::relay::CloseReason,
-) -> serde_json::Value {
-    use std::sync::atomic::Ordering::Relaxed;
-    json!({
-        "bytes_sent": stats.sent.load(Relaxed),
-        "bytes_received": stats.received.load(Relaxed),
-        "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
-        "close_reason": reason.to_string(),
-    })
 }

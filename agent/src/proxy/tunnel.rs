@@ -2,18 +2,21 @@
 //! from its verified certificate; each CONNECT must target this pod, and is handed to the app over
 //! loopback.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
 use serde_json::json;
 use tokio::net::TcpStream;
 
 use super::{
     PodContext,
-    inbound::connect_to_app,
-    outbound::{close_fields, with_event},
-    relay::{RelayStats, relay},
+    inbound::{connect_to_app, inbound_meta},
+    relay::relay,
 };
-use crate::hbone::{self, HboneStream, Refusal};
+use crate::{
+    hbone::{self, HboneStream, Refusal},
+    identity::SpiffeId,
+    metrics::SecurityPolicy,
+};
 
 /// Serves one accepted TCP connection on the tunnel port.
 pub async fn handle(
@@ -25,52 +28,38 @@ pub async fn handle(
     // One record per TLS connection (many tunnelled app connections share one).
     pod.shared.events.emit(json!({ "event": "tunnel_accept", "pod": pod.key, "src": peer.to_string() }));
     let handler_pod = pod.clone();
-    let handler = move |target: SocketAddr, peer_id: crate::identity::SpiffeId| {
+    let handler = move |target: SocketAddr, peer_id: SpiffeId| {
         let pod = handler_pod.clone();
         async move {
             let shared = &pod.shared;
-            let id = shared.next_id();
-            let src_pod = shared.state().config.pod_by_ip(peer.ip()).map(|p| p.key());
-            let base = json!({
-                "id": id, "direction": "inbound", "pod": pod.key, "src": peer.to_string(), "src_pod": src_pod,
-                "orig_dst": target.to_string(), "security": "mutual_tls",
-                "src_identity": peer_id.to_string(), "dst_identity": pod.identity.as_ref().map(|i| i.to_string()),
-            });
+            let mut meta = inbound_meta(&pod, shared.next_id(), peer, target, SecurityPolicy::MutualTls);
+            meta.source_identity = Some(peer_id.to_string());
+            meta.labels.source_principal = peer_id.to_string();
+            if let Some(id) = &pod.identity {
+                meta.destination_identity = Some(id.to_string());
+                meta.labels.destination_principal = id.to_string();
+            }
             // A tunnel that lands on this pod may only reach this pod: anything else would let a
             // client use us as a relay to a pod it could not reach (or one with another policy).
             if !pod.ips.contains(&target.ip()) {
-                shared.events.emit(with_event(
-                    &base,
-                    "conn_refused",
-                    json!({"reason": "target is not served here"}),
-                ));
+                shared.reject_conn(&meta, "conn_refused", "target is not served here");
                 return Err(Refusal::forbidden("target is not served here"));
             }
             if shared.ports.contains(target.port()) {
-                shared.events.emit(with_event(
-                    &base,
-                    "conn_refused",
-                    json!({"reason": "destination is a proxy port"}),
-                ));
+                shared.reject_conn(&meta, "conn_refused", "destination is a proxy port");
                 return Err(Refusal::forbidden("destination is a proxy port"));
             }
-            let started = Instant::now();
             let mut app = match connect_to_app(&pod, target).await {
                 Ok(app) => app,
                 Err(e) => {
-                    shared.events.emit(with_event(&base, "conn_failed", json!({"reason": e.to_string()})));
+                    shared.reject_conn(&meta, "conn_failed", &e.to_string());
                     return Err(Refusal::unavailable("upstream refused"));
                 }
             };
-            shared.events.emit(with_event(&base, "conn_open", json!({})));
             Ok(move |mut stream: HboneStream| async move {
-                let stats = RelayStats::default();
-                let reason = relay(&mut stream, &mut app, &stats).await;
-                pod.shared.events.emit(with_event(
-                    &base,
-                    "conn_close",
-                    close_fields(&stats, started, &reason),
-                ));
+                let conn = pod.shared.open_conn(meta);
+                let reason = relay(&mut stream, &mut app, conn.stats()).await;
+                conn.close(&reason);
             })
         }
     };

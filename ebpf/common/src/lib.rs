@@ -107,6 +107,8 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// Outbound redirects by pod cgroup id.
     pub const POD_COUNTERS: &str = "POD_COUNTERS";
+    /// Inbound steers by pod address.
+    pub const INBOUND_POD_COUNTERS: &str = "INBOUND_POD_COUNTERS";
 }
 
 /// Names of the programs in the object file.

@@ -8,7 +8,7 @@ use ferry_common::{AF_INET, AF_INET6, PodAddr, counter};
 
 use crate::{
     ctx::{ctx_read, read_ip6},
-    maps::{INBOUND_LISTENERS, capture_config, count},
+    maps::{INBOUND_LISTENERS, INBOUND_POD_COUNTERS, capture_config, count},
 };
 
 const SK_PASS: u32 = 1;
@@ -38,7 +38,16 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     };
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
-        Ok(()) => count(counter::INBOUND_STEERED),
+        Ok(()) => {
+            count(counter::INBOUND_STEERED);
+            match INBOUND_POD_COUNTERS.get_ptr_mut(&key) {
+                // SAFETY: per-CPU value, no concurrent writer on this CPU.
+                Some(c) => unsafe { *c += 1 },
+                None => {
+                    let _ = INBOUND_POD_COUNTERS.insert(&key, &1, 0);
+                }
+            }
+        }
         Err(_) => count(counter::INBOUND_NO_LISTENER),
     }
     SK_PASS

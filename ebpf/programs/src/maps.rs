@@ -32,7 +32,8 @@ pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(256, 0);
 
 /// IPv4 destination CIDRs never captured (key data in network byte order).
 #[map(name = "EXCLUDED_CIDRS_V4")]
-pub static EXCLUDED_CIDRS_V4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(256, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+pub static EXCLUDED_CIDRS_V4: LpmTrie<u32, u8> =
+    LpmTrie::with_max_entries(256, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// IPv6 destination CIDRs never captured.
 #[map(name = "EXCLUDED_CIDRS_V6")]
@@ -46,6 +47,10 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ferry_comm
 /// Per-pod counters keyed by cgroup id.
 #[map(name = "POD_COUNTERS")]
 pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Inbound steers per pod address (sk_lookup has no cgroup to key by).
+#[map(name = "INBOUND_POD_COUNTERS")]
+pub static INBOUND_POD_COUNTERS: PerCpuHashMap<PodAddr, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
 /// Adds one to a global counter.
 #[inline(always)]

@@ -14,8 +14,8 @@ use ferry_common::{AF_INET, AF_INET6, CaptureConfig, PodCounters, SockAddr, coun
 use crate::{
     ctx::{ctx_read, ctx_write, read_ip6},
     maps::{
-        EXCLUDED_CIDRS_V4, EXCLUDED_CIDRS_V6, EXCLUDED_PORTS, ORIG_DST_BY_COOKIE, POD_COUNTERS, capture_config,
-        count,
+        EXCLUDED_CIDRS_V4, EXCLUDED_CIDRS_V6, EXCLUDED_PORTS, ORIG_DST_BY_COOKIE, POD_COUNTERS,
+        capture_config, count,
     },
 };
 
@@ -37,7 +37,8 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     let ip = unsafe { ctx_read(&raw const (*sa).user_ip4) };
     let port = u16::from_be(unsafe { ctx_read(&raw const (*sa).user_port) } as u16);
     // 127.0.0.0/8: the first octet is the lowest byte of the network-order word.
-    if ip & 0xff == 127 || !port_is_captured(&cfg, port) || EXCLUDED_CIDRS_V4.get(Key::new(32, ip)).is_some() {
+    if ip & 0xff == 127 || !port_is_captured(&cfg, port) || EXCLUDED_CIDRS_V4.get(Key::new(32, ip)).is_some()
+    {
         count(counter::OUTBOUND_BYPASSED);
         return ALLOW;
     }
@@ -91,7 +92,8 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     // A v4-mapped destination stays v4-mapped: the socket may in practice be IPv4-only.
-    let new_ip = if v4_mapped { [0, 0, u32::from_be(0x0000_ffff), LOOPBACK_V4] } else { [0, 0, 0, u32::from_be(1)] };
+    let new_ip =
+        if v4_mapped { [0, 0, u32::from_be(0x0000_ffff), LOOPBACK_V4] } else { [0, 0, 0, u32::from_be(1)] };
     unsafe {
         ctx_write(&raw mut (*sa).user_ip6[0], new_ip[0]);
         ctx_write(&raw mut (*sa).user_ip6[1], new_ip[1]);

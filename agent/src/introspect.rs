@@ -1,0 +1,374 @@
+//! What the admin API and the metrics endpoint show: the daemon's side of [`AdminState`] and of the
+//! eBPF counter hook, read from the live node state.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
+
+use rustls::pki_types::UnixTime;
+
+use crate::{
+    admin::{
+        AdminState, StateError,
+        log_level::LogControl,
+        model::{
+            BpfLinkView, BpfMapView, BpfPodView, BpfProgramView, BpfView, CertState, CertView,
+            ConnectionView, EndpointView, ModeView, ServicePortView, ServiceView, StatusView, Timestamp,
+            TraceEndpointView, TraceServiceView, TraceView, Transport, WorkloadView,
+        },
+    },
+    config::Mode,
+    metrics::{BpfRedirects, RedirectDirection},
+    proxy::routes::Resolved,
+    reconcile::NodeState,
+};
+
+/// The daemon's answers to the admin API.
+pub struct Introspect {
+    node: Arc<NodeState>,
+    log: Option<LogControl>,
+    started: Instant,
+    config_path: PathBuf,
+}
+
+impl Introspect {
+    /// Reads from `node`; `log` changes the log filter at run time.
+    pub fn new(node: Arc<NodeState>, log: Option<LogControl>, config_path: PathBuf) -> Self {
+        Self { node, log, started: Instant::now(), config_path }
+    }
+
+    /// Per-pod redirect counters from the kernel, for `ferry_bpf_redirects_total`.
+    pub fn bpf_redirects(node: &NodeState) -> Vec<BpfRedirects> {
+        let dp = node.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        node.with_enrolled_blocking(|enrolled| {
+            let mut rows = Vec::new();
+            for (key, (_, e)) in enrolled {
+                rows.push(BpfRedirects {
+                    direction: RedirectDirection::Outbound,
+                    pod: key.clone(),
+                    value: dp.pod_outbound_redirects(e.cgroup_id),
+                });
+                let inbound = e.inbound_ips().iter().map(|ip| dp.inbound_steers(*ip)).sum();
+                rows.push(BpfRedirects {
+                    direction: RedirectDirection::Inbound,
+                    pod: key.clone(),
+                    value: inbound,
+                });
+            }
+            rows
+        })
+    }
+}
+
+impl AdminState for Introspect {
+    fn status(&self) -> StatusView {
+        let state = self.node.shared.state();
+        let enrolled = self.node.with_enrolled_blocking(|e| e.len() as u64);
+        StatusView {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            commit: option_env!("FERRY_GIT_COMMIT").map(str::to_owned),
+            node: state.config.node.clone(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            pods_enrolled: enrolled,
+            ready: self.ready(),
+            active_connections: self.node.shared.conns.len() as u64,
+            log_level: self.log.as_ref().and_then(|l| l.current()),
+        }
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        // The file as the agent read it, as JSON: what is running, not what is on disk now.
+        let text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+        let parsed: serde_json::Value = toml::from_str::<toml::Value>(&text)
+            .ok()
+            .and_then(|v| serde_json::to_value(v).ok())
+            .unwrap_or(serde_json::Value::Null);
+        serde_json::json!({ "mesh_file": self.config_path, "mesh": parsed })
+    }
+
+    fn workloads(&self) -> Vec<WorkloadView> {
+        let state = self.node.shared.state();
+        let mtls = self.node.shared.mtls.as_ref();
+        self.node.with_enrolled_blocking(|enrolled| {
+            state
+                .config
+                .local_pods()
+                .map(|pod| {
+                    let e = enrolled.get(&pod.key()).map(|(_, e)| e);
+                    WorkloadView {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        ips: pod.ips().collect(),
+                        mode: ModeView::from(pod.mode),
+                        identity: mtls.and_then(|m| m.identity_of(pod).ok()).map(|i| i.to_string()),
+                        programs: e
+                            .map(|e| e.link_ids().iter().map(|(p, _)| p.to_string()).collect())
+                            .unwrap_or_default(),
+                        enrolled: e.is_some(),
+                        netns: pod.netns.as_ref().map(|p| p.display().to_string()),
+                        cgroup: pod.cgroup.as_ref().map(|p| p.display().to_string()),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn services(&self) -> Vec<ServiceView> {
+        let state = self.node.shared.state();
+        let active = self.node.shared.conns.per_endpoint_pod();
+        state
+            .config
+            .services
+            .iter()
+            .map(|svc| ServiceView {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                vips: svc.vips.clone(),
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|p| ServicePortView { port: p.port, target_port: p.target_port })
+                    .collect(),
+                endpoints: svc
+                    .endpoints
+                    .iter()
+                    .filter_map(|&i| state.config.pods.get(i))
+                    .map(|p| EndpointView {
+                        pod: p.key(),
+                        ips: p.ips().collect(),
+                        active_connections: active.get(&p.key()).copied().unwrap_or(0),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn certs(&self) -> Vec<CertView> {
+        let Some(mtls) = &self.node.shared.mtls else { return Vec::new() };
+        let state = self.node.shared.state();
+        let now = UnixTime::now();
+        mtls.store
+            .status()
+            .into_iter()
+            .filter_map(|status| {
+                let key = mtls.store.get(&status.id, now).ok();
+                let (serial, not_before, not_after) = key
+                    .as_ref()
+                    .and_then(|k| k.cert.first())
+                    .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+                    .map(|(_, c)| {
+                        (
+                            c.raw_serial_as_string(),
+                            c.validity().not_before.timestamp(),
+                            c.validity().not_after.timestamp(),
+                        )
+                    })?;
+                let expired = now.as_secs() as i64 >= not_after;
+                let renewing = status.failures > 0 || status.next_attempt.as_secs() <= now.as_secs();
+                Some(CertView {
+                    identity: status.id.to_string(),
+                    serial,
+                    not_before: Timestamp::from_unix_seconds(not_before),
+                    not_after: Timestamp::from_unix_seconds(not_after),
+                    next_renewal: Some(Timestamp::from_unix_seconds(status.next_attempt.as_secs() as i64)),
+                    state: if expired {
+                        CertState::Expired
+                    } else if renewing {
+                        CertState::Renewing
+                    } else {
+                        CertState::Valid
+                    },
+                    pods: state
+                        .config
+                        .local_pods()
+                        .filter(|p| mtls.identity_of(p).ok().as_ref() == Some(&status.id))
+                        .map(|p| p.key())
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    fn connections(&self) -> Vec<ConnectionView> {
+        self.node.shared.conns.views()
+    }
+
+    fn bpf(&self) -> Result<BpfView, StateError> {
+        let redirects = Self::bpf_redirects(&self.node);
+        let dp = self.node.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let programs = dp
+            .program_ids()
+            .into_iter()
+            .map(|(name, id)| {
+                let kind = match name.as_str() {
+                    "ferry_connect4" => "cgroup/connect4",
+                    "ferry_connect6" => "cgroup/connect6",
+                    "ferry_sockops" => "sockops",
+                    _ => "sk_lookup",
+                };
+                BpfProgramView { name, id, kind: Some(kind.to_owned()) }
+            })
+            .collect();
+        let counters = dp.counters();
+        let names = [
+            "outbound_redirected",
+            "outbound_bypassed",
+            "tuple_recorded",
+            "inbound_steered",
+            "inbound_no_listener",
+        ];
+        drop(dp);
+        let pods = self.node.with_enrolled_blocking(|enrolled| {
+            enrolled
+                .iter()
+                .map(|(key, (_, e))| {
+                    let count = |d: RedirectDirection| {
+                        redirects.iter().filter(|r| &r.pod == key && r.direction == d).map(|r| r.value).sum()
+                    };
+                    BpfPodView {
+                        pod: key.clone(),
+                        cgroup: Some(e.cgroup.display().to_string()),
+                        links: e
+                            .link_ids()
+                            .iter()
+                            .map(|(p, id)| BpfLinkView { program: p.to_string(), id: *id })
+                            .collect(),
+                        outbound_redirects: count(RedirectDirection::Outbound),
+                        inbound_steers: count(RedirectDirection::Inbound),
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        let listeners: u64 = pods.len() as u64;
+        Ok(BpfView {
+            programs,
+            maps: vec![BpfMapView {
+                name: ferry_common::maps::INBOUND_LISTENERS.to_owned(),
+                entries: self
+                    .node
+                    .with_enrolled_blocking(|e| e.values().map(|(_, e)| e.inbound_ips().len() as u64).sum()),
+                max_entries: Some(4096),
+            }],
+            pods,
+            counters: names
+                .iter()
+                .zip(counters)
+                .map(|(n, v)| ((*n).to_owned(), v))
+                .chain([("enrolled_pods".to_owned(), listeners)])
+                .collect(),
+        })
+    }
+
+    fn ready(&self) -> bool {
+        let state = self.node.shared.state();
+        let wanted = state.config.local_pods().count();
+        self.node.with_enrolled_blocking(|e| e.len() == wanted)
+    }
+
+    fn set_log_level(&self, directive: &str) -> Result<(), StateError> {
+        match &self.log {
+            Some(log) => log.set(directive).map_err(Into::into),
+            None => Err(StateError::Failed("logging is not reloadable in this process".into())),
+        }
+    }
+
+    fn trace(&self, pod_key: &str, dest: SocketAddr) -> Result<TraceView, StateError> {
+        let shared = &self.node.shared;
+        let state = shared.state();
+        let config = &state.config;
+        let pod = config
+            .pods
+            .iter()
+            .find(|p| p.key() == pod_key)
+            .ok_or_else(|| StateError::NotFound(format!("no pod {pod_key} in the mesh file")))?;
+        if !pod.is_local(&config.node) {
+            return Err(StateError::NotFound(format!("pod {pod_key} runs on node {}, not here", pod.node)));
+        }
+        let enrolled = self.node.with_enrolled_blocking(|e| e.contains_key(pod_key));
+        let mtls = shared.mtls.as_ref();
+        let mut view = TraceView {
+            pod: pod_key.to_owned(),
+            dest,
+            captured: false,
+            program: None,
+            reason: String::new(),
+            service: None,
+            endpoint: None,
+            source_identity: mtls.and_then(|m| m.identity_of(pod).ok()).map(|i| i.to_string()),
+            destination_identity: None,
+            transport: Some(Transport::Passthrough),
+            destination_mode: None,
+            allowed: None,
+            notes: Vec::new(),
+        };
+        let ip = match dest.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        let capture = &config.capture;
+        let skip = if !enrolled {
+            Some("the pod is not enrolled".to_owned())
+        } else if ip.is_loopback() {
+            Some("loopback is never captured".to_owned())
+        } else if shared.ports.contains(dest.port()) {
+            Some(format!("port {} is one of the proxy's own ports", dest.port()))
+        } else if capture.exclude_ports.contains(&dest.port()) {
+            Some(format!("port {} is excluded (capture.exclude_ports)", dest.port()))
+        } else {
+            capture.exclude_cidrs.iter().find(|n| n.contains(&ip)).map(|n| format!("{ip} is in excluded {n}"))
+        };
+        if let Some(reason) = skip {
+            view.reason = reason;
+            view.notes.push("the kernel connects the pod directly, without the proxy".into());
+            return Ok(view);
+        }
+        view.captured = true;
+        view.program = Some(if dest.is_ipv4() { "ferry_connect4" } else { "ferry_connect6" }.to_owned());
+        view.reason = "TCP to a non-loopback destination that is not excluded".into();
+        let target = match state.routes.resolve(SocketAddr::new(ip, dest.port())) {
+            Ok(Resolved::Service { route, pick }) => {
+                view.service = Some(TraceServiceView {
+                    name: route.name.clone(),
+                    vip: dest,
+                    target_port: pick.target.port(),
+                });
+                view.notes.push(
+                    "endpoint picked by power of two choices; a real connection may pick another".into(),
+                );
+                pick.target
+            }
+            Ok(Resolved::Direct(addr)) => addr,
+            Err(e) => {
+                view.reason = e.to_string();
+                view.allowed = Some(false);
+                return Ok(view);
+            }
+        };
+        let dst_pod = config.pod_by_ip(target.ip());
+        view.endpoint = Some(TraceEndpointView {
+            pod: dst_pod.map(|p| p.key()),
+            address: target,
+            node: dst_pod.map(|p| p.node.clone()),
+        });
+        view.destination_mode = dst_pod.map(|p| ModeView::from(p.mode));
+        view.destination_identity =
+            dst_pod.and_then(|p| mtls.and_then(|m| m.identity_of(p).ok())).map(|i| i.to_string());
+        view.transport = Some(match (dst_pod, mtls) {
+            (Some(_), Some(_)) => Transport::Hbone,
+            _ => Transport::Plaintext,
+        });
+        let strict_plaintext = dst_pod.map(|p| p.mode == Mode::Strict).unwrap_or(false) && mtls.is_none();
+        view.allowed = Some(!strict_plaintext);
+        if strict_plaintext {
+            view.notes
+                .push("the destination is STRICT and this node has no CA: plaintext would be refused".into());
+        }
+        view.notes.push(
+            "no authorization policy engine yet: captured connections are not filtered by policy".into(),
+        );
+        Ok(view)
+    }
+}

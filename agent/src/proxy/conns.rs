@@ -1,0 +1,226 @@
+//! The proxy's connections: one record per relayed connection, live while it runs, feeding the
+//! events file, the access log, the Prometheus families and the admin API's `/connections`.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use serde_json::{Value, json};
+
+use super::{
+    ProxyShared,
+    relay::{CloseReason, RelayStats},
+};
+use crate::{
+    admin::model::{ConnectionView, Direction},
+    metrics::{ConnLabels, ConnMetrics, SecurityPolicy},
+};
+
+/// What is known about a connection once it is routed.
+#[derive(Debug, Clone)]
+pub struct ConnMeta {
+    /// The proxy's connection id.
+    pub id: u64,
+    /// Outbound (the pod connected out) or inbound.
+    pub direction: Direction,
+    /// "namespace/name" of the enrolled pod this side serves.
+    pub pod: String,
+    /// The connection's source address as the proxy saw it.
+    pub src: SocketAddr,
+    /// "namespace/name" of the source pod, if it is in the mesh (inbound).
+    pub src_pod: Option<String>,
+    /// Where the app meant to go.
+    pub original_dst: SocketAddr,
+    /// Where the proxy actually connects (outbound).
+    pub endpoint: Option<SocketAddr>,
+    /// "namespace/name" of the endpoint pod, if in the mesh (outbound).
+    pub endpoint_pod: Option<String>,
+    /// "namespace/name" of the service, when the destination was a VIP.
+    pub service: Option<String>,
+    /// The source's SPIFFE ID, when known.
+    pub source_identity: Option<String>,
+    /// The destination's SPIFFE ID, when verified.
+    pub destination_identity: Option<String>,
+    /// mTLS or plaintext.
+    pub security: SecurityPolicy,
+    /// Istio's label set for the metrics and the access log.
+    pub labels: ConnLabels,
+}
+
+impl ConnMeta {
+    /// The event record: the fields the events file and the access log share.
+    pub fn record(&self) -> Value {
+        json!({
+            "id": self.id, "direction": self.direction.as_str(), "pod": self.pod,
+            "src": self.src.to_string(), "src_pod": self.src_pod, "orig_dst": self.original_dst.to_string(),
+            "endpoint": self.endpoint.map(|e| e.to_string()), "endpoint_pod": self.endpoint_pod,
+            "service": self.service, "security": security_str(self.security),
+            "src_identity": self.source_identity, "dst_identity": self.destination_identity,
+        })
+    }
+}
+
+fn security_str(s: SecurityPolicy) -> &'static str {
+    match s {
+        SecurityPolicy::MutualTls => "mutual_tls",
+        SecurityPolicy::None => "none",
+        SecurityPolicy::Unknown => "unknown",
+    }
+}
+
+/// A connection being relayed.
+struct Live {
+    meta: ConnMeta,
+    stats: RelayStats,
+    started: Instant,
+}
+
+/// Live connections by id.
+#[derive(Default)]
+pub struct ConnTable {
+    live: Mutex<HashMap<u64, Arc<Live>>>,
+}
+
+impl ConnTable {
+    /// Snapshot for `GET /connections`.
+    pub fn views(&self) -> Vec<ConnectionView> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut views: Vec<ConnectionView> = live.values().map(|l| view(l)).collect();
+        views.sort_by_key(|v| v.id);
+        views
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Live connections per endpoint pod (for `GET /services`).
+    pub fn per_endpoint_pod(&self) -> HashMap<String, u64> {
+        let mut out = HashMap::new();
+        for l in self.live.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            if let Some(pod) = &l.meta.endpoint_pod {
+                *out.entry(pod.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+}
+
+fn view(l: &Live) -> ConnectionView {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &l.meta;
+    ConnectionView {
+        id: m.id,
+        direction: m.direction,
+        pod: m.pod.clone(),
+        src: m.src,
+        original_dst: m.original_dst,
+        endpoint: m.endpoint,
+        service: m.service.clone(),
+        source_identity: m.source_identity.clone(),
+        destination_identity: m.destination_identity.clone(),
+        security: Some(security_str(m.security).to_owned()),
+        // Istio's convention: received is what came from the source, sent what went back to it.
+        bytes_received: l.stats.sent.load(Relaxed),
+        bytes_sent: l.stats.received.load(Relaxed),
+        age_seconds: l.started.elapsed().as_secs_f64(),
+    }
+}
+
+/// A registered connection; [`OpenConn::close`] accounts for it everywhere.
+pub struct OpenConn<'a> {
+    shared: &'a ProxyShared,
+    live: Arc<Live>,
+    metrics: ConnMetrics,
+}
+
+impl OpenConn<'_> {
+    /// The byte counters the relay updates.
+    pub fn stats(&self) -> &RelayStats {
+        &self.live.stats
+    }
+
+    /// Records the end of the connection: events, access log, metrics, and out of the live table.
+    pub fn close(self, reason: &CloseReason) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (sent, received) = (self.live.stats.sent.load(Relaxed), self.live.stats.received.load(Relaxed));
+        let duration = self.live.started.elapsed();
+        self.metrics.add_received(sent);
+        self.metrics.add_sent(received);
+        self.metrics.closed(duration);
+        self.shared.conns.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.live.meta.id);
+        let mut record = self.live.meta.record();
+        extend(
+            &mut record,
+            json!({
+                "bytes_sent": sent, "bytes_received": received,
+                "duration_ms": duration.as_secs_f64() * 1000.0, "close_reason": reason.to_string(),
+            }),
+        );
+        self.shared.access_log.emit(access_line(&self.live.meta.labels, &record));
+        extend(&mut record, json!({ "event": "conn_close" }));
+        self.shared.events.emit(record);
+    }
+}
+
+impl ProxyShared {
+    /// Registers a connection the proxy is about to relay.
+    pub fn open_conn(&self, meta: ConnMeta) -> OpenConn<'_> {
+        let metrics = self.metrics.opened(&meta.labels);
+        let mut record = meta.record();
+        extend(&mut record, json!({ "event": "conn_open" }));
+        self.events.emit(record);
+        let live = Arc::new(Live { meta, stats: RelayStats::default(), started: Instant::now() });
+        self.conns.live.lock().unwrap_or_else(|p| p.into_inner()).insert(live.meta.id, live.clone());
+        OpenConn { shared: self, live, metrics }
+    }
+
+    /// Records a connection that was refused (`event` = "conn_refused") or could not be set up
+    /// ("conn_failed"), with the reason.
+    pub fn reject_conn(&self, meta: &ConnMeta, event: &str, reason: &str) {
+        if event == "conn_failed" {
+            self.metrics.failed(&meta.labels);
+        }
+        let mut record = meta.record();
+        extend(
+            &mut record,
+            json!({ "close_reason": reason, "reason": reason, "bytes_sent": 0, "bytes_received": 0 }),
+        );
+        self.access_log.emit(access_line(&meta.labels, &record));
+        extend(&mut record, json!({ "event": event }));
+        self.events.emit(record);
+    }
+}
+
+/// One access-log line: Istio's labels plus the connection's record (addresses, bytes, duration,
+/// close reason).
+fn access_line(labels: &ConnLabels, record: &Value) -> Value {
+    let names = crate::metrics::CONN_LABELS;
+    let mut line = json!({ "time": humantime_now() });
+    if let Some(obj) = line.as_object_mut() {
+        for (name, value) in names.iter().zip(labels.values()) {
+            obj.insert((*name).to_owned(), value.into());
+        }
+    }
+    extend(&mut line, record.clone());
+    line
+}
+
+fn humantime_now() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn extend(target: &mut Value, extra: Value) {
+    if let (Some(obj), Value::Object(extra)) = (target.as_object_mut(), extra) {
+        obj.extend(extra);
+    }
+}
