@@ -81,3 +81,47 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
     assert_eq!(after["peers_seen_by_server"][0], after["local_addrs"][0]);
     drop(node);
 }
+
+#[test]
+fn agent_crash_leaves_pod_networking_working() {
+    let s = Scenario::start("crash").unwrap();
+    let ready = events_of(&s.agent, "ready").pop().expect("ready event");
+    let prog_ids: Vec<u64> =
+        ready["programs"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    let target = sock(s.servers[0].ipv4().into(), SERVER_PORT);
+    let before = connect(&s.client, &target, &["--bytes", "10"]).unwrap();
+    assert!(
+        before["local_addrs"][0].as_str().unwrap().starts_with("127.0.0.1:"),
+        "captured while running: {before}"
+    );
+
+    // SIGKILL: no shutdown code runs. The kernel closes the agent's fds, which detaches the
+    // fd-based links, unloads the programs and closes the in-pod listeners.
+    let pid = s.agent.pid() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z")).unwrap_or(false)
+    {
+        assert!(std::time::Instant::now() < deadline, "agent did not die");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Link and program teardown is asynchronous in the kernel (RCU); give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let progs = bpf_ids("prog");
+        if prog_ids.iter().all(|id| !progs.contains(id)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "programs still loaded after the crash");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ports = listening_ports(&s.client);
+    assert!(!ports.contains(&15001) && !ports.contains(&15006), "listeners died with the agent: {ports:?}");
+    let after = connect(&s.client, &target, &["--bytes", "10"]).unwrap();
+    assert_eq!(after["ok"], 1, "the pod still reaches the server after the crash: {after}");
+    assert!(
+        after["local_addrs"][0].as_str().unwrap().starts_with(&format!("{}:", s.client.ipv4())),
+        "and does so directly: {after}"
+    );
+}
