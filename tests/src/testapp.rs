@@ -59,6 +59,63 @@ pub struct RrReport {
     pub mean_us: f64,
 }
 
+impl RrReport {
+    /// A report of `count` round trips with these latencies.
+    pub fn new(count: u64, latency: Latency) -> Self {
+        let Latency { p50_us, p90_us, p99_us, mean_us } = latency;
+        Self { count, p50_us, p90_us, p99_us, mean_us }
+    }
+}
+
+/// Percentiles and mean of a set of latency samples, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl Latency {
+    /// Nearest-rank percentiles and the mean of `samples_us`, in any order; all zero for none.
+    pub fn of(mut samples_us: Vec<f64>) -> Self {
+        samples_us.sort_by(f64::total_cmp);
+        let n = samples_us.len();
+        Self {
+            p50_us: percentile(&samples_us, 0.50),
+            p90_us: percentile(&samples_us, 0.90),
+            p99_us: percentile(&samples_us, 0.99),
+            mean_us: if n == 0 { 0.0 } else { samples_us.iter().sum::<f64>() / n as f64 },
+        }
+    }
+}
+
+/// What `ferry-testapp crr` prints: sequential connections, each connect, one request and its
+/// echo, then close; latencies are measured from the start of `connect()`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CrrReport {
+    /// Measured connections (warm-up excluded).
+    pub count: u64,
+    /// Wall time of the measured connections, back to back.
+    pub elapsed_s: f64,
+    /// Measured connections per second of wall time.
+    pub conns_per_s: f64,
+    /// Until `connect()` returned.
+    pub connect: Latency,
+    /// Until the whole echo of the request had arrived.
+    pub first_response: Latency,
+    /// Until the server's close was read after the client's half-close: the whole connection.
+    pub total: Latency,
+    /// The client's distinct local IPs.
+    pub local_ips: Vec<String>,
+    /// The distinct client IPs the server named in its trailers.
+    pub peer_ips_seen_by_server: Vec<String>,
+}
+
 /// The line a server writes after the client half-closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trailer {
@@ -202,16 +259,41 @@ pub fn connect(pod: &Pod, addr: impl Display, opts: &ConnectOpts) -> Result<Conn
     run_json(pod, cmd, timeout)
 }
 
+/// How much a measuring client ([`rr`], [`crr`]) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Bytes per request (and response).
+    pub size: usize,
+    /// Measured round trips or connections.
+    pub count: u64,
+    /// Unmeasured ones first.
+    pub warmup: u64,
+}
+
 /// Runs `ferry-testapp rr` from `pod` (in its cgroup) against the echo server at `addr`.
 pub fn rr(pod: &Pod, addr: impl Display, size: usize, count: u64, warmup: u64) -> Result<RrReport> {
-    let mut cmd = pod.command(bin_path(TESTAPP));
-    cmd.args(["rr", &addr.to_string(), "--size", &size.to_string()]).args([
-        "--count",
-        &count.to_string(),
-        "--warmup",
-        &warmup.to_string(),
-    ]);
+    let cmd = load_command(pod, "rr", addr, Load { size, count, warmup });
     run_json(pod, cmd, Duration::from_secs(120))
+}
+
+/// Runs `ferry-testapp crr` from `pod` (in its cgroup) against the echo server at `addr`.
+pub fn crr(pod: &Pod, addr: impl Display, load: Load) -> Result<CrrReport> {
+    let cmd = load_command(pod, "crr", addr, load);
+    run_json(pod, cmd, Duration::from_secs(300))
+}
+
+/// `ferry-testapp SUBCOMMAND ADDR --size --count --warmup` in `pod`'s netns and cgroup.
+fn load_command(pod: &Pod, subcommand: &str, addr: impl Display, load: Load) -> Command {
+    let mut cmd = pod.command(bin_path(TESTAPP));
+    cmd.args([subcommand, &addr.to_string()]).args([
+        "--size",
+        &load.size.to_string(),
+        "--count",
+        &load.count.to_string(),
+        "--warmup",
+        &load.warmup.to_string(),
+    ]);
+    cmd
 }
 
 /// Runs `cmd` in `pod` and parses the last line of its stdout as JSON.
@@ -265,6 +347,16 @@ mod tests {
         let mut wrong_count = sent.clone();
         wrong_count.extend_from_slice(Trailer { bytes: 9, ..trailer }.to_line().as_bytes());
         assert!(verify_echo(&sent, &wrong_count).is_err());
+    }
+
+    #[test]
+    fn latency_sorts_its_samples() {
+        let samples: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        let l = Latency::of(samples);
+        assert_eq!((l.p50_us, l.p90_us, l.p99_us, l.mean_us), (50.0, 90.0, 99.0, 50.5));
+        assert_eq!(Latency::of(Vec::new()), Latency::default());
+        let r = RrReport::new(3, Latency { p50_us: 1.0, p90_us: 2.0, p99_us: 3.0, mean_us: 4.0 });
+        assert_eq!((r.count, r.p50_us, r.p90_us, r.p99_us, r.mean_us), (3, 1.0, 2.0, 3.0, 4.0));
     }
 
     #[test]

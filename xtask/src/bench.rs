@@ -1,6 +1,7 @@
 //! `cargo xtask bench [--quick]`: builds the agent and the tests crate's binaries (test app, bench) in
-//! release and runs `ferry-bench`, which writes target/bench/rr.json and prints a table. Release,
-//! because a debug agent's latency says little about Ferry's.
+//! release and runs `ferry-bench`, which writes target/bench/rr.json (one node) and
+//! target/bench/cross_node.json (two nodes, mTLS) and prints their tables. Release, because a debug
+//! agent's latency says little about Ferry's.
 
 use anyhow::{Result, ensure};
 

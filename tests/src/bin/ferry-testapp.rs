@@ -4,14 +4,19 @@
 //!   the bytes it received and the peer it saw.
 //! - `connect`: concurrent connections that send a payload, check the echo and read the trailer.
 //! - `rr`: request/response round trips on one connection, reporting latency percentiles.
+//! - `crr`: one connection per request/response, one after another, reporting the connection rate
+//!   and latency percentiles.
 
+use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
-use ferry_tests::testapp::{ConnectReport, Listening, RrReport, Trailer, payload, percentile, verify_echo};
+use clap::{Args, Parser, Subcommand};
+use ferry_tests::testapp::{
+    ConnectReport, CrrReport, Latency, Listening, RrReport, Trailer, payload, verify_echo,
+};
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -56,19 +61,25 @@ enum Cmd {
         timeout_ms: u64,
     },
     /// Request/response round trips on one connection to an echo server.
-    Rr {
-        /// Server address.
-        addr: SocketAddr,
-        /// Bytes per request (and response).
-        #[arg(long, default_value_t = 1024)]
-        size: usize,
-        /// Measured round trips.
-        #[arg(long)]
-        count: u64,
-        /// Unmeasured round trips first.
-        #[arg(long, default_value_t = 10)]
-        warmup: u64,
-    },
+    Rr(Load),
+    /// Sequential connections to an echo server: connect, one request and its echo, close.
+    Crr(Load),
+}
+
+/// What a measuring client does.
+#[derive(Args)]
+struct Load {
+    /// Server address.
+    addr: SocketAddr,
+    /// Bytes per request (and response).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Measured round trips (rr) or connections (crr).
+    #[arg(long)]
+    count: u64,
+    /// Unmeasured ones first.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
 }
 
 fn main() {
@@ -81,7 +92,10 @@ fn main() {
                 std::process::exit(if report.failed == 0 { 0 } else { 1 });
             })
         }
-        Cmd::Rr { addr, size, count, warmup } => rr(addr, size, count, warmup).map(|r| print_json(&r)),
+        Cmd::Rr(Load { addr, size, count, warmup }) => rr(addr, size, count, warmup).map(|r| print_json(&r)),
+        Cmd::Crr(Load { addr, size, count, warmup }) => {
+            crr(addr, size, count, warmup).map(|r| print_json(&r))
+        }
     };
     if let Err(e) = result {
         print_json(&json!({ "error": format!("{e:#}") }));
@@ -235,10 +249,7 @@ async fn one_conn(
 
 /// Round trips on one blocking connection: write `size` bytes, read exactly `size` back.
 fn rr(addr: SocketAddr, size: usize, count: u64, warmup: u64) -> Result<RrReport> {
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut stream = dial(addr)?;
     let request = payload(0, size);
     let mut response = vec![0u8; size];
     let mut samples = Vec::with_capacity(count as usize);
@@ -255,13 +266,145 @@ fn rr(addr: SocketAddr, size: usize, count: u64, warmup: u64) -> Result<RrReport
     // Let the server finish its trailer rather than hitting a reset.
     stream.shutdown(std::net::Shutdown::Write)?;
     let _ = std::io::copy(&mut stream, &mut std::io::sink());
-    samples.sort_by(f64::total_cmp);
-    let mean = if samples.is_empty() { 0.0 } else { samples.iter().sum::<f64>() / samples.len() as f64 };
-    Ok(RrReport {
-        count: samples.len() as u64,
-        p50_us: percentile(&samples, 0.50),
-        p90_us: percentile(&samples, 0.90),
-        p99_us: percentile(&samples, 0.99),
-        mean_us: mean,
+    Ok(RrReport::new(samples.len() as u64, Latency::of(samples)))
+}
+
+/// A blocking connection to `addr` with Nagle off and a read timeout, as both measuring clients use.
+fn dial(addr: SocketAddr) -> Result<std::net::TcpStream> {
+    let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
+}
+
+/// The timings of one `crr` connection, in microseconds from the start of `connect()`.
+struct CrrSample {
+    connect_us: f64,
+    first_response_us: f64,
+    total_us: f64,
+    local: SocketAddr,
+    trailer: Trailer,
+}
+
+/// Sequential connections, each: connect, send `size` bytes, read their echo, half-close, read the
+/// server's trailer up to its close. The client closes first, like an HTTP/1.0 client would.
+fn crr(addr: SocketAddr, size: usize, count: u64, warmup: u64) -> Result<CrrReport> {
+    let request = payload(0, size);
+    let (mut connect, mut first_response, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut local_ips, mut peer_ips) = (BTreeSet::new(), BTreeSet::new());
+    let mut measured_since = Instant::now();
+    for i in 0..warmup + count {
+        if i == warmup {
+            measured_since = Instant::now();
+        }
+        let sample = crr_once(addr, &request).with_context(|| format!("connection {i} to {addr}"))?;
+        local_ips.insert(sample.local.ip().to_canonical().to_string());
+        // The trailer names the peer as the server saw it; keep just its IP.
+        let peer = sample.trailer.peer.parse::<SocketAddr>().map(|a| a.ip().to_string());
+        peer_ips.insert(peer.unwrap_or(sample.trailer.peer));
+        if i >= warmup {
+            connect.push(sample.connect_us);
+            first_response.push(sample.first_response_us);
+            total.push(sample.total_us);
+        }
+    }
+    let elapsed_s = if count == 0 { 0.0 } else { measured_since.elapsed().as_secs_f64() };
+    Ok(CrrReport {
+        count,
+        elapsed_s,
+        conns_per_s: if elapsed_s > 0.0 { count as f64 / elapsed_s } else { 0.0 },
+        connect: Latency::of(connect),
+        first_response: Latency::of(first_response),
+        total: Latency::of(total),
+        local_ips: local_ips.into_iter().collect(),
+        peer_ips_seen_by_server: peer_ips.into_iter().collect(),
     })
+}
+
+fn crr_once(addr: SocketAddr, request: &[u8]) -> Result<CrrSample> {
+    let start = Instant::now();
+    let micros = |since: Instant| since.duration_since(start).as_secs_f64() * 1e6;
+    let mut stream = dial(addr)?;
+    let connected = Instant::now();
+    let local = stream.local_addr()?;
+    stream.write_all(request).context("send")?;
+    let mut received = vec![0u8; request.len()];
+    stream.read_exact(&mut received).context("receive the echo")?;
+    let answered = Instant::now();
+    stream.shutdown(std::net::Shutdown::Write).context("half-close")?;
+    stream.read_to_end(&mut received).context("receive the trailer")?;
+    let closed = Instant::now();
+    let trailer = verify_echo(request, &received)?;
+    Ok(CrrSample {
+        connect_us: micros(connected),
+        first_response_us: micros(answered),
+        total_us: micros(closed),
+        local,
+        trailer,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, TcpListener as StdListener};
+
+    /// A blocking echo server on loopback for `conns` connections, like `serve` (echo, then the
+    /// trailer at the client's EOF); `corrupt` flips the first echoed byte.
+    fn echo_server(conns: usize, corrupt: bool) -> SocketAddr {
+        let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..conns {
+                let (mut s, peer) = listener.accept().unwrap();
+                let mut buf = vec![0u8; 4096];
+                let mut received = 0u64;
+                loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    if corrupt && received == 0 {
+                        buf[0] ^= 0xff;
+                    }
+                    received += n as u64;
+                    s.write_all(&buf[..n]).unwrap();
+                }
+                let trailer = Trailer { tag: "t".into(), bytes: received, peer: peer.to_string() };
+                s.write_all(trailer.to_line().as_bytes()).unwrap();
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn crr_measures_each_connection_after_the_warm_up() {
+        let addr = echo_server(7, false);
+        let r = crr(addr, 1024, 5, 2).unwrap();
+        assert_eq!(r.count, 5);
+        assert!(r.elapsed_s > 0.0 && r.conns_per_s > 0.0, "{r:?}");
+        assert_eq!(r.local_ips, ["127.0.0.1"]);
+        assert_eq!(r.peer_ips_seen_by_server, ["127.0.0.1"]);
+        // Each connection's phases are nested, so every percentile is ordered too.
+        assert!(r.connect.p50_us > 0.0);
+        assert!(r.connect.p99_us <= r.first_response.p99_us, "{r:?}");
+        assert!(r.first_response.p99_us <= r.total.p99_us, "{r:?}");
+        assert!(r.connect.mean_us <= r.first_response.mean_us && r.first_response.mean_us <= r.total.mean_us);
+    }
+
+    #[test]
+    fn crr_fails_on_a_wrong_echo_naming_the_connection() {
+        let addr = echo_server(1, true);
+        let e = crr(addr, 100, 1, 0).unwrap_err();
+        assert!(format!("{e:#}").contains("connection 0"), "{e:#}");
+        assert!(format!("{e:#}").contains("echo differs at byte 0"), "{e:#}");
+    }
+
+    #[test]
+    fn crr_without_connections_reports_zero_rate() {
+        let r = crr(echo_server(0, false), 10, 0, 0).unwrap();
+        assert_eq!((r.count, r.conns_per_s, r.elapsed_s), (0, 0.0, 0.0));
+        assert!(r.local_ips.is_empty());
+    }
 }
