@@ -68,21 +68,14 @@ impl AdminServer {
             .create(&parent)
             .map_err(io_err("creating the directory", &parent))?;
         clear_stale(path).await?;
-        // Bind inside a fresh 0700 directory and rename into place once the mode is right: nobody
-        // else can connect while the socket still has the umask's permissions, and a connection
-        // made in that moment would outlive the chmod.
-        let private = parent.join(format!(".ferry-admin-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&private);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&private)
-            .map_err(io_err("creating the directory", &private))?;
-        let tmp = private.join("admin.sock");
-        let placed = UnixListener::bind(&tmp)
-            .map_err(io_err("binding", &tmp))
-            .and_then(|listener| restrict_and_place(&tmp, path).map(|()| listener));
-        let _ = std::fs::remove_dir_all(&private);
-        let listener = placed?;
+        let listener = if private_dir(&parent)? {
+            // Nobody else can reach into the directory: bind in place, so the kernel (and `ss -xl`,
+            // `lsof`) name the socket by the path operators know.
+            let listener = UnixListener::bind(path).map_err(io_err("binding", path))?;
+            restrict(path).map(|()| listener)
+        } else {
+            bind_privately(&parent, path)
+        }?;
         let guard = SocketFile::record(path)?;
         tracing::info!(socket = %path.display(), "admin API listening");
         Ok(Self { listener, guard })
@@ -101,14 +94,42 @@ impl AdminServer {
     }
 }
 
-/// Sets mode 0600 (and root ownership when root) on the socket at `tmp`, then renames it to `path`.
-fn restrict_and_place(tmp: &Path, path: &Path) -> Result<(), AdminServerError> {
-    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err("setting the mode of", tmp))?;
+/// Whether `dir` is ours and closed to group and others, so nobody else can connect to a socket in
+/// it in the moment before its mode is set.
+fn private_dir(dir: &Path) -> Result<bool, AdminServerError> {
+    let meta = std::fs::metadata(dir).map_err(io_err("inspecting", dir))?;
+    Ok(meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o077 == 0)
+}
+
+/// Binds in a fresh 0700 directory beside `path` and renames into place once the mode is right:
+/// nobody else can connect while the socket still has the umask's permissions, and a connection
+/// made in that moment would outlive the chmod. The kernel keeps the bind-time name, so `ss -xl`
+/// shows the temporary path; only used when the parent directory is shared.
+fn bind_privately(parent: &Path, path: &Path) -> Result<UnixListener, AdminServerError> {
+    let private = parent.join(format!(".ferry-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(io_err("creating the directory", &private))?;
+    let tmp = private.join("admin.sock");
+    let placed = UnixListener::bind(&tmp).map_err(io_err("binding", &tmp)).and_then(|listener| {
+        restrict(&tmp)?;
+        std::fs::rename(&tmp, path).map_err(io_err("moving the socket into place at", path))?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    placed
+}
+
+/// Sets mode 0600 (and root ownership when root) on the socket at `path`.
+fn restrict(path: &Path) -> Result<(), AdminServerError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("setting the mode of", path))?;
     if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::chown(tmp, Some(0), Some(0)).map_err(io_err("chowning", tmp))?;
+        std::os::unix::fs::chown(path, Some(0), Some(0)).map_err(io_err("chowning", path))?;
     }
-    std::fs::rename(tmp, path).map_err(io_err("moving the socket into place at", path))
+    Ok(())
 }
 
 /// Removes a socket no process answers on; refuses a live socket or a non-socket file.

@@ -161,13 +161,14 @@ impl OpenConn<'_> {
         let mut record = self.live.meta.record();
         extend(
             &mut record,
-            json!({
-                "bytes_sent": sent, "bytes_received": received,
-                "duration_ms": duration.as_secs_f64() * 1000.0, "close_reason": reason.to_string(),
-            }),
+            json!({ "duration_ms": duration.as_secs_f64() * 1000.0, "close_reason": reason.to_string() }),
         );
-        self.shared.access_log.emit(access_line(&self.live.meta.labels, &record));
-        extend(&mut record, json!({ "event": "conn_close" }));
+        // The access log counts bytes as Istio (and the metrics and /connections) do: received
+        // from the source, sent back to it. The events file keeps the relay's directions.
+        let mut access = record.clone();
+        extend(&mut access, json!({ "bytes_sent": received, "bytes_received": sent }));
+        self.shared.access_log.emit(access_line(&self.live.meta.labels, &access));
+        extend(&mut record, json!({ "bytes_sent": sent, "bytes_received": received, "event": "conn_close" }));
         self.shared.events.emit(record);
     }
 }
@@ -187,15 +188,18 @@ impl ProxyShared {
     /// Records a connection that was refused (`event` = "conn_refused") or could not be set up
     /// ("conn_failed"), with the reason.
     pub fn reject_conn(&self, meta: &ConnMeta, event: &str, reason: &str) {
-        if event == "conn_failed" {
-            self.metrics.failed(&meta.labels);
-        }
+        // Refused (STRICT, a proxy port, a target not served here) or failed: either way accepted
+        // and never relayed, which is what the failed family counts.
+        self.metrics.failed(&meta.labels);
         let mut record = meta.record();
         extend(
             &mut record,
             json!({ "close_reason": reason, "reason": reason, "bytes_sent": 0, "bytes_received": 0 }),
         );
-        self.access_log.emit(access_line(&meta.labels, &record));
+        // Every access-log line has the same fields; how long the attempt took is not measured.
+        let mut access = record.clone();
+        extend(&mut access, json!({ "duration_ms": null }));
+        self.access_log.emit(access_line(&meta.labels, &access));
         extend(&mut record, json!({ "event": event }));
         self.events.emit(record);
     }

@@ -46,6 +46,30 @@ async fn socket_is_private_and_removed_on_shutdown() {
 }
 
 #[tokio::test]
+async fn binds_in_place_in_a_private_dir_and_privately_in_a_shared_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let path = dir.path().join("admin.sock");
+    let server = AdminServer::bind(&path).await.expect("bind");
+    let bound = server.listener.local_addr().expect("local addr");
+    assert_eq!(bound.as_pathname(), Some(path.as_path()), "the kernel knows the socket by its path");
+    drop(server);
+
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = shared.join("admin.sock");
+    let server = AdminServer::bind(&path).await.expect("bind");
+    let meta = std::fs::symlink_metadata(&path).expect("socket exists");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let bound = server.listener.local_addr().expect("local addr");
+    assert_ne!(bound.as_pathname(), Some(path.as_path()), "bound in a private directory, then moved");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&shared).expect("read dir").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(leftovers, ["admin.sock"], "no temporary directory left behind");
+}
+
+#[tokio::test]
 async fn refuses_to_start_beside_a_live_agent() {
     let admin = RunningAdmin::start().await;
     let err = AdminServer::bind(&admin.socket).await.expect_err("second agent");
