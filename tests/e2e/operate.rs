@@ -506,7 +506,9 @@ fn cli_trace_explains_capture_and_endpoint() {
             .any(|(k, p)| endpoint == format!("{k} at {} on node node-a", sock_str(p.ipv4().into()))),
         "{out}"
     );
-    assert!(field("Transport").starts_with("plain TCP"), "{out}");
+    // The servers are mesh pods: plaintext because this node has no CA, not because they are outside.
+    assert!(field("Transport").starts_with("plain TCP") && field("Transport").contains("no CA"), "{out}");
+    assert!(!field("Identities").contains("outside the mesh"), "{out}");
     assert!(!out.contains('{'), "human text, not JSON: {out}");
     eprintln!("ferry trace (text):\n{out}");
 

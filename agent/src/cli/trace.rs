@@ -30,16 +30,20 @@ pub fn explain(t: &TraceView) -> String {
         lines.push(("Endpoint", "none available: the connection would be refused".to_owned()));
     }
     let identity = |id: &Option<String>, missing: &str| id.clone().unwrap_or_else(|| missing.into());
+    // A mesh pod without an identity means this node has no CA, not that the pod is outside.
+    let in_mesh = t.endpoint.as_ref().is_some_and(|e| e.pod.is_some());
+    let no_destination_id =
+        if in_mesh { "(none: no CA on this node)" } else { "(none: destination outside the mesh)" };
     lines.push((
         "Identities",
         format!(
             "{} -> {}",
             identity(&t.source_identity, "(none: no CA on this node)"),
-            identity(&t.destination_identity, "(none: destination outside the mesh)")
+            identity(&t.destination_identity, no_destination_id)
         ),
     ));
     if let Some(transport) = t.transport {
-        lines.push(("Transport", transport_text(transport).to_owned()));
+        lines.push(("Transport", transport_text(transport, in_mesh).to_owned()));
     }
     if let Some(mode) = t.destination_mode {
         lines.push(("Destination mode", mode_text(mode).to_owned()));
@@ -58,9 +62,10 @@ fn finish(t: &TraceView, mut lines: Vec<(&str, String)>) -> String {
     format!("{} -> {}\n{}", t.pod, t.dest, labelled(&lines))
 }
 
-fn transport_text(t: Transport) -> &'static str {
+fn transport_text(t: Transport, in_mesh: bool) -> &'static str {
     match t {
         Transport::Hbone => "HBONE: HTTP/2 CONNECT over mutual TLS to the endpoint's tunnel port",
+        Transport::Plaintext if in_mesh => "plain TCP from the proxy (no CA on this node, so no mTLS)",
         Transport::Plaintext => "plain TCP from the proxy (the destination is outside the mesh)",
         Transport::Local => "node-local: spliced inside the agent, identities and policy still checked",
         Transport::Passthrough => "passthrough: the kernel connects directly, without the proxy",
@@ -130,6 +135,30 @@ mod tests {
         assert!(text.contains("Captured:  no: port 22 is excluded"), "{text}");
         assert!(text.contains("connects to 10.96.0.10:80 directly"), "{text}");
         assert!(!text.contains("Service"), "{text}");
+    }
+
+    #[test]
+    fn plaintext_to_a_mesh_pod_blames_the_missing_ca() {
+        let no_ca = TraceView {
+            source_identity: None,
+            destination_identity: None,
+            transport: Some(Transport::Plaintext),
+            ..base()
+        };
+        let text = explain(&no_ca);
+        assert!(text.contains("Identities:        (none: no CA on this node) -> (none: no CA on this node)"));
+        assert!(text.contains("Transport:         plain TCP from the proxy (no CA on this node"), "{text}");
+        let outside = TraceView {
+            endpoint: Some(TraceEndpointView {
+                pod: None,
+                address: "192.0.2.1:80".parse().expect("addr"),
+                node: None,
+            }),
+            ..no_ca
+        };
+        let text = explain(&outside);
+        assert!(text.contains("-> (none: destination outside the mesh)"), "{text}");
+        assert!(text.contains("(the destination is outside the mesh)"), "{text}");
     }
 
     #[test]

@@ -97,9 +97,9 @@ pub enum RequestProtocol {
 /// The labels of one connection, Istio's L4 set.
 ///
 /// Workloads are the pod's workload name (its owner, such as a Deployment, when known, else the pod
-/// name), never an address. `destination_service` is the service host (`NAME.NAMESPACE.svc.DOMAIN`
-/// as Istio writes it) or [`UNKNOWN`] when the destination is not a service. Principals are SPIFFE
-/// IDs or [`UNKNOWN`].
+/// name), never an address. `destination_service` is the service as `NAMESPACE/NAME`, the way the
+/// CLI and the access log name it (Istio writes the host `NAME.NAMESPACE.svc.DOMAIN`), or
+/// [`UNKNOWN`] when the destination is not a service VIP. Principals are SPIFFE IDs or [`UNKNOWN`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ConnLabels {
     /// Which side reports.
