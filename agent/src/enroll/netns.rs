@@ -35,6 +35,14 @@ pub enum NetnsError {
         /// The cause.
         source: nix::Error,
     },
+    /// SO_NETNS_COOKIE could not be read inside the netns.
+    #[error("reading the netns cookie of {path}")]
+    Cookie {
+        /// The netns path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The worker thread is gone (agent shutting down).
     #[error("netns worker for {0} has stopped")]
     Stopped(PathBuf),
@@ -74,7 +82,9 @@ impl PodNetns {
             Err(_) => return Err(NetnsError::Stopped(path.to_owned())),
         }
         let mut netns = Self { path: path.to_owned(), jobs, cookie: 0 };
-        netns.cookie = netns.run_blocking(netns_cookie)??;
+        netns.cookie = netns
+            .run_blocking(netns_cookie)?
+            .map_err(|source| NetnsError::Cookie { path: path.to_owned(), source })?;
         Ok(netns)
     }
 
@@ -118,12 +128,11 @@ impl PodNetns {
 }
 
 /// SO_NETNS_COOKIE of the calling thread's netns, read from a throwaway socket.
-fn netns_cookie() -> Result<u64, NetnsError> {
-    let stopped = |e: std::io::Error| NetnsError::Open { path: PathBuf::from("SO_NETNS_COOKIE"), source: e };
+fn netns_cookie() -> std::io::Result<u64> {
     // SAFETY: plain socket(2); the fd is owned immediately.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(stopped(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -140,7 +149,7 @@ fn netns_cookie() -> Result<u64, NetnsError> {
         )
     };
     if rc != 0 {
-        return Err(stopped(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(cookie)
 }
