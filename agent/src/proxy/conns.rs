@@ -10,9 +10,11 @@ use std::{
 
 use serde_json::{Value, json};
 
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use super::{
     ProxyShared,
-    relay::{CloseReason, RelayStats},
+    relay::{CloseReason, RelayStats, relay},
 };
 use crate::{
     admin::model::{ConnectionView, Direction},
@@ -158,28 +160,55 @@ impl OpenConn<'_> {
         self.metrics.add_sent(received);
         self.metrics.closed(duration);
         self.shared.conns.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.live.meta.id);
+        let (events, access_log) = (&self.shared.events, &self.shared.access_log);
+        // Records are built only for sinks that are on: off is the production default, and this
+        // runs once per connection.
+        if !events.enabled() && !access_log.enabled() {
+            return;
+        }
         let mut record = self.live.meta.record();
         extend(
             &mut record,
             json!({ "duration_ms": duration.as_secs_f64() * 1000.0, "close_reason": reason.to_string() }),
         );
-        // The access log counts bytes as Istio (and the metrics and /connections) do: received
-        // from the source, sent back to it. The events file keeps the relay's directions.
-        let mut access = record.clone();
-        extend(&mut access, json!({ "bytes_sent": received, "bytes_received": sent }));
-        self.shared.access_log.emit(access_line(&self.live.meta.labels, &access));
-        extend(&mut record, json!({ "bytes_sent": sent, "bytes_received": received, "event": "conn_close" }));
-        self.shared.events.emit(record);
+        if access_log.enabled() {
+            // The access log counts bytes as Istio (and the metrics and /connections) do: received
+            // from the source, sent back to it. The events file keeps the relay's directions.
+            let mut access = record.clone();
+            extend(&mut access, json!({ "bytes_sent": received, "bytes_received": sent }));
+            access_log.emit(access_line(&self.live.meta.labels, &access));
+        }
+        if events.enabled() {
+            extend(
+                &mut record,
+                json!({ "bytes_sent": sent, "bytes_received": received, "event": "conn_close" }),
+            );
+            events.emit(record);
+        }
     }
 }
 
 impl ProxyShared {
+    /// Registers `meta`, relays between `downstream` and `upstream` until both sides are done, and
+    /// accounts for the connection: the one way every path relays.
+    pub async fn relay_conn<D, U>(&self, meta: ConnMeta, downstream: &mut D, upstream: &mut U)
+    where
+        D: AsyncRead + AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let conn = self.open_conn(meta);
+        let reason = relay(downstream, upstream, conn.stats()).await;
+        conn.close(&reason);
+    }
+
     /// Registers a connection the proxy is about to relay.
     pub fn open_conn(&self, meta: ConnMeta) -> OpenConn<'_> {
         let metrics = self.metrics.opened(&meta.labels);
-        let mut record = meta.record();
-        extend(&mut record, json!({ "event": "conn_open" }));
-        self.events.emit(record);
+        if self.events.enabled() {
+            let mut record = meta.record();
+            extend(&mut record, json!({ "event": "conn_open" }));
+            self.events.emit(record);
+        }
         let live = Arc::new(Live { meta, stats: RelayStats::default(), started: Instant::now() });
         self.conns.live.lock().unwrap_or_else(|p| p.into_inner()).insert(live.meta.id, live.clone());
         OpenConn { shared: self, live, metrics }
@@ -191,17 +220,24 @@ impl ProxyShared {
         // Refused (STRICT, a proxy port, a target not served here) or failed: either way accepted
         // and never relayed, which is what the failed family counts.
         self.metrics.failed(&meta.labels);
+        if !self.events.enabled() && !self.access_log.enabled() {
+            return;
+        }
         let mut record = meta.record();
         extend(
             &mut record,
             json!({ "close_reason": reason, "reason": reason, "bytes_sent": 0, "bytes_received": 0 }),
         );
         // Every access-log line has the same fields; how long the attempt took is not measured.
-        let mut access = record.clone();
-        extend(&mut access, json!({ "duration_ms": null }));
-        self.access_log.emit(access_line(&meta.labels, &access));
-        extend(&mut record, json!({ "event": event }));
-        self.events.emit(record);
+        if self.access_log.enabled() {
+            let mut access = record.clone();
+            extend(&mut access, json!({ "duration_ms": null }));
+            self.access_log.emit(access_line(&meta.labels, &access));
+        }
+        if self.events.enabled() {
+            extend(&mut record, json!({ "event": event }));
+            self.events.emit(record);
+        }
     }
 }
 

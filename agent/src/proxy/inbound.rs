@@ -10,7 +10,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PodContext, conns::ConnMeta, relay::relay, sockets::connect_from};
+use super::{PodContext, conns::ConnMeta, sockets::connect_from};
 use crate::{
     admin::model::Direction,
     config::Mode,
@@ -80,9 +80,7 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
             return;
         }
     };
-    let conn = shared.open_conn(meta);
-    let reason = relay(&mut down, &mut up, conn.stats()).await;
-    conn.close(&reason);
+    shared.relay_conn(meta, &mut down, &mut up).await;
 }
 
 /// Connects to the app on loopback of the same family; an app listening on only the other family's

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc};
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use super::{PodContext, conns::ConnMeta, relay::relay, routes::Resolved, sockets::connect_from};
+use super::{PodContext, conns::ConnMeta, routes::Resolved, sockets::connect_from};
 use crate::{
     admin::model::Direction,
     metrics::{ConnLabels, Reporter, SecurityPolicy},
@@ -93,9 +93,7 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         };
         meta.destination_identity = Some(peer_id.to_string());
         meta.labels.destination_principal = peer_id.to_string();
-        let conn = shared.open_conn(meta);
-        let reason = relay(&mut down, &mut stream, conn.stats()).await;
-        conn.close(&reason);
+        shared.relay_conn(meta, &mut down, &mut stream).await;
     } else {
         meta.labels.connection_security_policy = SecurityPolicy::None;
         let mut up = match connect_from(&pod.netns, target).await {
@@ -105,8 +103,6 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
                 return;
             }
         };
-        let conn = shared.open_conn(meta);
-        let reason = relay(&mut down, &mut up, conn.stats()).await;
-        conn.close(&reason);
+        shared.relay_conn(meta, &mut down, &mut up).await;
     }
 }

@@ -10,7 +10,6 @@ use tokio::net::TcpStream;
 use super::{
     PodContext,
     inbound::{connect_to_app, inbound_meta},
-    relay::relay,
 };
 use crate::{
     hbone::{self, HboneStream, Refusal},
@@ -57,9 +56,7 @@ pub async fn handle(
                 }
             };
             Ok(move |mut stream: HboneStream| async move {
-                let conn = pod.shared.open_conn(meta);
-                let reason = relay(&mut stream, &mut app, conn.stats()).await;
-                conn.close(&reason);
+                pod.shared.relay_conn(meta, &mut stream, &mut app).await;
             })
         }
     };
