@@ -49,21 +49,9 @@ fn ferry(args: &[&str]) -> std::process::Output {
     Command::new(bin_path("ferry")).args(args).output().expect("running ferry")
 }
 
-/// `ferry ca init` + `ferry ca issue-node` for both nodes.
+/// The mesh CA: one root, intermediates for node-a and node-b.
 fn make_ca() -> Result<tempfile::TempDir> {
-    let dir = tempfile::tempdir()?;
-    let d = dir.path().to_str().context("utf-8 temp dir")?;
-    for args in [
-        vec!["ca", "init", d, "--trust-domain", TD],
-        vec!["ca", "issue-node", d, "node-a"],
-        vec!["ca", "issue-node", d, "node-b"],
-    ] {
-        let out = ferry(&args);
-        if !out.status.success() {
-            bail!("ferry {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-    Ok(dir)
+    ferry_tests::ca::make_ca(TD, &["node-a", "node-b"])
 }
 
 impl TwoNodes {

@@ -7,6 +7,7 @@
 
 pub mod agent;
 mod bins;
+pub mod ca;
 pub mod cgroup;
 pub mod cleanup;
 mod fork;

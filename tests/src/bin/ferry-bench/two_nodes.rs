@@ -3,13 +3,11 @@
 //! one pod outside the mesh on each node, and an echo server in both node-b pods.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use ferry_tests::scenario::{NAMESPACE, SERVER_PORT, serve};
-use ferry_tests::{Agent, ChildGuard, MeshFile, NodeLink, Pod, SimNode, bin_path, link_nodes, netns};
+use ferry_tests::{Agent, ChildGuard, MeshFile, NodeLink, Pod, SimNode, link_nodes, netns};
 
 /// The mesh name of the client's node (and its CA directory under `nodes/`).
 pub const NODE_A: &str = "node-a";
@@ -60,7 +58,7 @@ impl TwoNodes {
         }
         let echo =
             vec![serve(&server, SERVER_PORT, "server")?, serve(&direct_server, SERVER_PORT, "direct")?];
-        let ca = make_ca()?;
+        let ca = ferry_tests::ca::make_ca(TRUST_DOMAIN, &[NODE_A, NODE_B])?;
         let mesh_for = |node: &str| {
             let mut mesh = MeshFile::new(node);
             mesh.ca(&ca.path().join("nodes").join(node), None);
@@ -113,29 +111,4 @@ impl TwoNodes {
         self.a = Some(agent);
         Ok(started.elapsed())
     }
-}
-
-/// `ferry ca init` and `ferry ca issue-node` for both nodes, in a temporary directory.
-fn make_ca() -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new().prefix("ferry-bench-ca-").tempdir().context("creating the CA dir")?;
-    let d = dir.path().to_str().context("the CA directory's path is not UTF-8")?;
-    for args in [
-        vec!["ca", "init", d, "--trust-domain", TRUST_DOMAIN],
-        vec!["ca", "issue-node", d, NODE_A],
-        vec!["ca", "issue-node", d, NODE_B],
-    ] {
-        ferry(&args, dir.path())?;
-    }
-    Ok(dir)
-}
-
-fn ferry(args: &[&str], ca: &Path) -> Result<()> {
-    let out = Command::new(bin_path("ferry"))
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run ferry {args:?}"))?;
-    if !out.status.success() {
-        bail!("ferry {args:?} for {} failed: {}", ca.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
 }
