@@ -1,0 +1,110 @@
+//! Classic sidecar capture: iptables REDIRECT rules inside a pod's netns, the way a sidecar mesh's
+//! init container writes them. The app's outbound TCP goes to the sidecar's outbound port, inbound
+//! TCP to its inbound port; the sidecar's own sockets are told apart by their group id
+//! ([`PROXY_GID`]), so its upstream connections are not captured again.
+//!
+//! The rules live in the pod's netns and disappear with it: there is nothing to clean up.
+
+use std::io::Write as _;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+
+use crate::Pod;
+
+/// The group id a sidecar runs with; its sockets bypass the capture (Istio uses 1337 as well).
+pub const PROXY_GID: u32 = 1337;
+
+/// Which ports the capture sends traffic to.
+#[derive(Debug, Clone)]
+pub struct SidecarCapture {
+    /// Where the app's outbound TCP connections are redirected (on loopback).
+    pub outbound_port: u16,
+    /// Where inbound TCP connections to the pod are redirected (on the pod's address).
+    pub inbound_port: u16,
+    /// Inbound destination ports left alone (a sidecar's own mTLS port, say).
+    pub inbound_exclude: Vec<u16>,
+}
+
+/// The `iptables-restore` input for one address family (`loopback` is 127.0.0.0/8 or ::1/128).
+fn rules(capture: &SidecarCapture, loopback: &str) -> String {
+    let mut out = String::from("*nat\n");
+    for port in &capture.inbound_exclude {
+        out += &format!("-A PREROUTING -p tcp --dport {port} -j RETURN\n");
+    }
+    out += &format!("-A PREROUTING -p tcp -j REDIRECT --to-ports {}\n", capture.inbound_port);
+    out += &format!("-A OUTPUT -p tcp -m owner --gid-owner {PROXY_GID} -j RETURN\n");
+    out += &format!("-A OUTPUT -p tcp -d {loopback} -j RETURN\n");
+    out += &format!("-A OUTPUT -p tcp -j REDIRECT --to-ports {}\n", capture.outbound_port);
+    out + "COMMIT\n"
+}
+
+/// Installs the capture rules (IPv4 and IPv6) in `pod`'s netns.
+pub fn install(pod: &Pod, capture: &SidecarCapture) -> Result<()> {
+    for (program, loopback) in [("iptables-restore", "127.0.0.0/8"), ("ip6tables-restore", "::1/128")] {
+        let mut cmd = pod.netns_command(program);
+        cmd.arg("--noflush").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child =
+            cmd.spawn().with_context(|| format!("cannot run {program} (is iptables installed?)"))?;
+        let input = rules(capture, loopback);
+        child
+            .stdin
+            .take()
+            .context("no stdin")?
+            .write_all(input.as_bytes())
+            .with_context(|| format!("writing rules to {program}"))?;
+        let out = wait_with_timeout(child, Duration::from_secs(20))
+            .with_context(|| format!("{program} in pod {}", pod.name()))?;
+        ensure!(
+            out.status.success(),
+            "{program} in pod {} failed: {}\nrules:\n{input}",
+            pod.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The nat table of `pod`'s netns as `iptables -S` prints it (IPv4).
+pub fn nat_rules(pod: &Pod) -> Result<String> {
+    let mut cmd = pod.netns_command("iptables");
+    cmd.args(["-t", "nat", "-S"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = wait_with_timeout(cmd.spawn().context("cannot run iptables")?, Duration::from_secs(20))?;
+    ensure!(out.status.success(), "iptables -S failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits for a short-lived tool we started, killing it (by its pid) after `timeout`.
+fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> Result<std::process::Output> {
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_exclude_the_proxy_and_loopback_before_redirecting() {
+        let capture =
+            SidecarCapture { outbound_port: 15001, inbound_port: 15006, inbound_exclude: vec![15008] };
+        let text = rules(&capture, "127.0.0.0/8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "*nat");
+        assert_eq!(lines[1], "-A PREROUTING -p tcp --dport 15008 -j RETURN");
+        assert_eq!(lines[2], "-A PREROUTING -p tcp -j REDIRECT --to-ports 15006");
+        assert_eq!(lines[3], "-A OUTPUT -p tcp -m owner --gid-owner 1337 -j RETURN");
+        assert_eq!(lines[4], "-A OUTPUT -p tcp -d 127.0.0.0/8 -j RETURN");
+        assert_eq!(lines[5], "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001");
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+    }
+}
