@@ -13,6 +13,7 @@ pub mod cleanup;
 mod fork;
 pub mod iptables;
 mod link;
+pub mod loadgen;
 pub mod mesh;
 pub mod names;
 pub mod netns;

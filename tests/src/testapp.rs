@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -114,6 +115,58 @@ pub struct CrrReport {
     pub local_ips: Vec<String>,
     /// The distinct client IPs the server named in its trailers.
     pub peer_ips_seen_by_server: Vec<String>,
+}
+
+/// What `ferry-testapp load` prints: open-loop requests at a fixed total rate over persistent
+/// connections. Latencies run from each request's intended send time (start + i/rate) to the end
+/// of its response, so a stall shows up as the queueing delay of every request it held back
+/// (coordinated omission corrected). Warm-up requests are not counted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Measured requests that completed.
+    pub requests: u64,
+    /// Requests sent in all, warm-up included: what the measured system carried.
+    pub sent: u64,
+    /// Requests that failed; each failure ends its connection.
+    pub errors: u64,
+    /// The first few failure messages.
+    pub error_messages: Vec<String>,
+    /// Measured requests per second of measured wall time.
+    pub achieved_rps: f64,
+    /// The requested rate.
+    pub target_rps: f64,
+    /// Persistent connections the requests were spread over.
+    pub conns: usize,
+    /// Median latency.
+    pub p50_us: f64,
+    /// 90th percentile latency.
+    pub p90_us: f64,
+    /// 99th percentile latency.
+    pub p99_us: f64,
+    /// 99.9th percentile latency.
+    pub p999_us: f64,
+    /// Highest latency.
+    pub max_us: f64,
+    /// Mean latency.
+    pub mean_us: f64,
+    /// Measured wall time: from the first measured request's intended time to the last response.
+    pub duration_s: f64,
+    /// 99th percentile of the client's own lateness in sending (timer wake-up, not queueing behind
+    /// a slow response): how faithful the schedule was.
+    pub send_lag_p99_us: f64,
+}
+
+/// What `ferry-testapp bulk` prints: streams writing to the echo server while reading it back.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BulkReport {
+    /// Concurrent streams.
+    pub streams: usize,
+    /// Echoed bytes the client received during the measured window, over all streams.
+    pub bytes: u64,
+    /// The measured window.
+    pub duration_s: f64,
+    /// Echoed bits received per second, in units of 1e9.
+    pub gbps: f64,
 }
 
 /// The line a server writes after the client half-closed.
@@ -282,6 +335,54 @@ pub fn crr(pod: &Pod, addr: impl Display, load: Load) -> Result<CrrReport> {
     run_json(pod, cmd, Duration::from_secs(300))
 }
 
+/// Options of [`load`] (and of `ferry-testapp load`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadOpts {
+    /// Total requests per second over all connections.
+    pub rate: f64,
+    /// Persistent connections; requests go round-robin over them.
+    pub conns: usize,
+    /// Measured time.
+    pub duration: Duration,
+    /// Bytes per request (and response).
+    pub size: usize,
+    /// Unmeasured time first, at the same rate.
+    pub warmup: Duration,
+}
+
+impl Default for LoadOpts {
+    fn default() -> Self {
+        Self {
+            rate: 1000.0,
+            conns: 16,
+            duration: Duration::from_secs(10),
+            size: 1024,
+            warmup: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Runs `ferry-testapp load` from `pod` (in its cgroup) against the echo server at `to`; an error
+/// (with the client's output) when any request failed.
+pub fn load(pod: &Pod, to: SocketAddr, opts: &LoadOpts) -> Result<LoadReport> {
+    let mut cmd = pod.command(bin_path(TESTAPP));
+    cmd.args(["load", &to.to_string(), "--rate", &opts.rate.to_string()])
+        .args(["--conns", &opts.conns.to_string(), "--size", &opts.size.to_string()])
+        .args(["--duration-ms", &opts.duration.as_millis().to_string()])
+        .args(["--warmup-ms", &opts.warmup.as_millis().to_string()]);
+    let timeout = opts.warmup + opts.duration + Duration::from_secs(30);
+    run_checked(pod, cmd, timeout)
+}
+
+/// Runs `ferry-testapp bulk` from `pod` (in its cgroup) against the echo server at `to`; an error
+/// (with the client's output) when any stream failed.
+pub fn bulk(pod: &Pod, to: SocketAddr, streams: usize, duration: Duration) -> Result<BulkReport> {
+    let mut cmd = pod.command(bin_path(TESTAPP));
+    cmd.args(["bulk", &to.to_string(), "--streams", &streams.to_string()])
+        .args(["--duration-ms", &duration.as_millis().to_string()]);
+    run_checked(pod, cmd, duration + Duration::from_secs(60))
+}
+
 /// `ferry-testapp SUBCOMMAND ADDR --size --count --warmup` in `pod`'s netns and cgroup.
 fn load_command(pod: &Pod, subcommand: &str, addr: impl Display, load: Load) -> Command {
     let mut cmd = pod.command(bin_path(TESTAPP));
@@ -299,6 +400,26 @@ fn load_command(pod: &Pod, subcommand: &str, addr: impl Display, load: Load) -> 
 /// Runs `cmd` in `pod` and parses the last line of its stdout as JSON.
 fn run_json<T: serde::de::DeserializeOwned>(pod: &Pod, cmd: Command, timeout: Duration) -> Result<T> {
     let out = pod.output(cmd, timeout)?;
+    parse_report(pod, &out)
+}
+
+/// Like [`run_json`], but a non-zero exit is an error even when a report was printed.
+fn run_checked<T: serde::de::DeserializeOwned>(pod: &Pod, cmd: Command, timeout: Duration) -> Result<T> {
+    let out = pod.output(cmd, timeout)?;
+    if !out.status.success() {
+        bail!(
+            "testapp in pod {} failed ({}): stdout {:?}, stderr {:?}",
+            pod.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_report(pod, &out)
+}
+
+/// The last line of `out`'s stdout as JSON; an error naming the whole output otherwise.
+fn parse_report<T: serde::de::DeserializeOwned>(pod: &Pod, out: &Output) -> Result<T> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(line).with_context(|| {

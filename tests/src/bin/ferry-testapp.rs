@@ -6,6 +6,9 @@
 //! - `rr`: request/response round trips on one connection, reporting latency percentiles.
 //! - `crr`: one connection per request/response, one after another, reporting the connection rate
 //!   and latency percentiles.
+//! - `load`: open-loop requests at a fixed rate over persistent connections, latency measured
+//!   from each request's intended send time (coordinated omission corrected).
+//! - `bulk`: streams writing to the echo server while reading it back, reporting throughput.
 
 use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
@@ -14,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
+use ferry_tests::loadgen;
 use ferry_tests::testapp::{
-    ConnectReport, CrrReport, Latency, Listening, RrReport, Trailer, payload, verify_echo,
+    ConnectReport, CrrReport, Latency, Listening, LoadOpts, RrReport, Trailer, payload, verify_echo,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -64,6 +68,41 @@ enum Cmd {
     Rr(Load),
     /// Sequential connections to an echo server: connect, one request and its echo, close.
     Crr(Load),
+    /// Open-loop requests at a fixed total rate over persistent connections to an echo server.
+    Load(OpenLoop),
+    /// Throughput: streams writing to an echo server while reading the echo back.
+    Bulk {
+        /// Server address.
+        addr: SocketAddr,
+        /// Concurrent streams.
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        /// Measured time.
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+    },
+}
+
+/// What the open-loop client does.
+#[derive(Args)]
+struct OpenLoop {
+    /// Server address.
+    addr: SocketAddr,
+    /// Total requests per second over all connections.
+    #[arg(long)]
+    rate: f64,
+    /// Persistent connections; requests go round-robin over them.
+    #[arg(long, default_value_t = 16)]
+    conns: usize,
+    /// Measured time.
+    #[arg(long, default_value_t = 10_000)]
+    duration_ms: u64,
+    /// Bytes per request (and response).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Unmeasured time first, at the same rate.
+    #[arg(long, default_value_t = 1000)]
+    warmup_ms: u64,
 }
 
 /// What a measuring client does.
@@ -96,6 +135,17 @@ fn main() {
         Cmd::Crr(Load { addr, size, count, warmup }) => {
             crr(addr, size, count, warmup).map(|r| print_json(&r))
         }
+        Cmd::Load(OpenLoop { addr, rate, conns, duration_ms, size, warmup_ms }) => {
+            let duration = Duration::from_millis(duration_ms);
+            let opts = LoadOpts { rate, conns, duration, size, warmup: Duration::from_millis(warmup_ms) };
+            loadgen::open_loop(addr, &opts).map(|report| {
+                print_json(&report);
+                std::process::exit(if report.errors == 0 { 0 } else { 1 });
+            })
+        }
+        Cmd::Bulk { addr, streams, duration_ms } => runtime()
+            .and_then(|rt| rt.block_on(loadgen::bulk(addr, streams, Duration::from_millis(duration_ms))))
+            .map(|r| print_json(&r)),
     };
     if let Err(e) = result {
         print_json(&json!({ "error": format!("{e:#}") }));
