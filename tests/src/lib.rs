@@ -11,6 +11,7 @@ pub mod ca;
 pub mod cgroup;
 pub mod cleanup;
 mod fork;
+pub mod haproxy;
 pub mod iptables;
 mod link;
 pub mod loadgen;
