@@ -1,7 +1,7 @@
 //! `cargo xtask bench [--quick]`: builds the agent and the tests crate's binaries (test app, bench) in
-//! release and runs `ferry-bench`, which writes target/bench/rr.json (one node) and
-//! target/bench/cross_node.json (two nodes, mTLS) and prints their tables. Release, because a debug
-//! agent's latency says little about Ferry's.
+//! release and runs `ferry-bench`, which measures every scenario (no mesh, Ferry, sidecars) and
+//! writes target/bench/report.json, report.md and latency.svg. Release, because a debug agent's
+//! latency says little about Ferry's. `cargo xtask test` runs the same bench as a smoke run.
 
 use anyhow::{Result, ensure};
 

@@ -36,9 +36,9 @@ enum Task {
     Test,
     /// Set up, build, then run the demo on a simulated node.
     Demo,
-    /// Set up, build in release, then measure round-trip latency: direct versus through the proxy.
+    /// Set up, build in release, then benchmark: no mesh, Ferry and sidecars, in one run.
     Bench {
-        /// A short run, for a smoke test.
+        /// A short run (about two minutes).
         #[arg(long)]
         quick: bool,
     },

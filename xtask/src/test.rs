@@ -1,4 +1,4 @@
-//! `cargo xtask test`: the whole suite, as CI runs it. Set-up failures stop it (the kernel tests
+//! `cargo xtask test`: the whole suite, as CI runs it, ending with the bench's smoke run. Set-up failures stop it (the kernel tests
 //! must never be skipped for want of root or cgroup v2); after that every step runs and a summary
 //! names the ones that failed.
 
@@ -7,7 +7,8 @@ use std::fs;
 
 use crate::{build, cmd, paths, setup};
 
-/// Sets up, then runs sweep, build, tests, rustfmt and clippy; an error when any step failed.
+/// Sets up, then runs sweep, build, tests, the bench smoke run, rustfmt and clippy; an error when
+/// any step failed.
 pub fn run() -> Result<()> {
     setup::run(&setup::Options { rebuild_bpf_linker: false })?;
     let mut results: Vec<(&str, Result<()>)> = Vec::new();
@@ -21,6 +22,10 @@ pub fn run() -> Result<()> {
     let bin_dir = paths::target_dir().join("debug");
     let mut tests = cmd::cargo(["test", "--no-fail-fast"]);
     results.push(("tests", cmd::run(tests.env("FERRY_BIN_DIR", &bin_dir))));
+    // The bench's smoke run keeps every benchmark scenario working; it asserts no timing.
+    let mut bench = cmd::command(bin_dir.join("ferry-bench"));
+    bench.arg("--smoke").arg("--out").arg(paths::target_dir().join("bench-smoke"));
+    results.push(("bench smoke run", cmd::run(bench.env("FERRY_BIN_DIR", &bin_dir))));
     results.push(("rustfmt", cmd::run(&mut cmd::cargo(["fmt", "--all", "--", "--check"]))));
     let mut clippy = cmd::cargo(["clippy", "--all-targets", "--", "-D", "warnings"]);
     results.push(("clippy", cmd::run(&mut clippy)));

@@ -1,116 +1,53 @@
-//! `ferry-bench`: what Ferry adds to pod-to-pod traffic, measured in one run.
+//! `ferry-bench`: what a mesh adds to pod-to-pod traffic, Ferry against classic sidecars, measured
+//! in one run on simulated nodes.
 //!
-//! - One node ([`one_node`], `OUT/rr.json`): 1 KiB request/response round trips between two pods
-//!   of one node, direct versus through the proxy (plaintext L4).
-//! - Two nodes ([`cross_node`], `OUT/cross_node.json`): the same round trips between pods on two
-//!   nodes, direct versus through Ferry with mTLS (HBONE); then new connections per second, direct
-//!   and through the pooled tunnel; then the first connection after an agent restart, which has to
-//!   open a new TLS connection.
-//!
-//! Each pair of scenarios runs in interleaved rounds (direct, mesh, then mesh, direct, ...) to
-//! cancel drift; a scenario's figure is the median over rounds of that round's figure. Nothing here
-//! asserts on timing; the run fails only when traffic does not take the path a scenario names.
-//! Needs root (run it with `cargo xtask bench [--quick]`).
+//! Every scenario has the same client pod and ten echo server pods behind one service VIP, under
+//! the same load ([`world`]); what carries the traffic differs ([`meshes`]). Before measuring, the
+//! bench proves the traffic takes the scenario's path; then it runs the workloads ([`measure`]):
+//! open loop at 1,000 requests/s over 1, 16 and 64 connections, closed-loop round trips, new
+//! connections per request, and bulk streams, while reading the mesh processes' CPU time and
+//! memory from /proc ([`cost`]). It writes `OUT/report.json`, `OUT/report.md` and
+//! `OUT/latency.svg`. Nothing here asserts on timing; the run fails only when a scenario cannot be
+//! set up or its traffic does not take the path it names. Needs root: run it with
+//! `cargo xtask bench [--quick]`.
 
-mod cross_node;
-mod cross_report;
-mod one_node;
-mod rounds;
-mod two_nodes;
+mod cost;
+mod machine;
+mod measure;
+mod meshes;
+mod plan;
+mod plot;
+mod report;
+mod world;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use ferry_tests::testapp::{self, ConnectOpts, RrReport};
-use ferry_tests::{Pod, bin_path};
-use serde::Serialize;
 
-use crate::rounds::{Kind, Pair, interleave};
-
-/// Request and response size.
-pub const SIZE: usize = 1024;
+use crate::measure::Measured;
+use crate::meshes::{SCENARIOS, ScenarioDef};
+use crate::plan::Plan;
+use crate::report::Report;
+use crate::world::World;
 
 /// Command line.
 #[derive(Parser)]
-#[command(about = "Latency and connection rate between pods: direct versus through Ferry")]
+#[command(about = "Latency and cost of pod-to-pod traffic: no mesh, Ferry, and sidecars")]
 struct Cli {
-    /// A short run (fewer rounds, round trips and connections), for a smoke test.
-    #[arg(long)]
+    /// A short run (about two minutes).
+    #[arg(long, conflicts_with = "smoke")]
     quick: bool,
-    /// Directory for rr.json and cross_node.json.
+    /// Just enough traffic to prove every scenario runs (CI); the figures mean nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Only these scenarios (repeatable); their baselines always run too.
+    #[arg(long = "only", value_name = "SCENARIO")]
+    only: Vec<String>,
+    /// Directory for report.json, report.md and latency.svg.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-}
-
-/// How many request/response round trips to measure.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct RrPlan {
-    /// Rounds of each scenario.
-    pub rounds: usize,
-    /// Measured round trips per round.
-    pub round_trips: u64,
-    /// Unmeasured round trips before them.
-    pub warmup: u64,
-}
-
-impl RrPlan {
-    /// The plan of a quick or a full run.
-    pub fn new(quick: bool) -> Self {
-        if quick {
-            RrPlan { rounds: 3, round_trips: 1_000, warmup: 100 }
-        } else {
-            RrPlan { rounds: 5, round_trips: 10_000, warmup: 500 }
-        }
-    }
-}
-
-/// The run's mode as written in the reports.
-pub fn mode(quick: bool) -> &'static str {
-    if quick { "quick" } else { "full" }
-}
-
-/// The machine and build the figures come from.
-#[derive(Debug, Clone, Serialize)]
-pub struct Host {
-    /// When the report was made.
-    pub unix_time: u64,
-    /// The kernel release.
-    pub kernel: String,
-    /// CPUs available to the bench.
-    pub cpus: usize,
-    /// The 1, 5 and 15 minute load averages when the report was made: other work on the machine
-    /// shows up in the figures.
-    pub load_average: String,
-    /// The agent binary that ran.
-    pub agent_binary: String,
-    /// How the bench itself was built.
-    pub bench_profile: &'static str,
-}
-
-impl Host {
-    /// This machine, now.
-    pub fn now() -> Self {
-        Host {
-            unix_time: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            load_average: std::fs::read_to_string("/proc/loadavg")
-                .unwrap_or_default()
-                .split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" "),
-            agent_binary: bin_path("ferry").display().to_string(),
-            bench_profile: if cfg!(debug_assertions) { "debug" } else { "release" },
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -124,47 +61,111 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let plan = if cli.smoke {
+        Plan::smoke()
+    } else if cli.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    let chosen = select(&cli.only)?;
     std::fs::create_dir_all(&cli.out).with_context(|| format!("cannot create {}", cli.out.display()))?;
-    one_node::run(cli.quick, &cli.out)?;
-    cross_node::run(cli.quick, &cli.out)
+    let mut measured: Vec<(ScenarioDef, Measured)> = Vec::new();
+    for def in chosen {
+        eprintln!("ferry-bench: {}: setting up", def.name);
+        let m = run_scenario(&def, &plan).with_context(|| format!("scenario {}", def.name))?;
+        eprintln!(
+            "ferry-bench: {}: open loop p50 {:.1} us p99 {:.1} us; rr p50 {:.1} us; cpu {:.3} s/1k; rss {:.1} MB",
+            def.name,
+            m.load_at(plan::HEADLINE_CONNS).map(|l| l.p50_us).unwrap_or(0.0),
+            m.load_at(plan::HEADLINE_CONNS).map(|l| l.p99_us).unwrap_or(0.0),
+            m.rr.p50_us,
+            m.cpu_s_per_1k(),
+            m.rss_mb
+        );
+        measured.push((def, m));
+    }
+    let rows: Vec<_> = measured
+        .iter()
+        .map(|(def, m)| {
+            let base = measured.iter().find(|(d, _)| d.name == def.baseline()).map(|(_, b)| b);
+            let base = if def.name == def.baseline() { None } else { base };
+            report::row(def.name, def.baseline(), m, base)
+        })
+        .collect();
+    let (ratios, targets) = report::compare(&rows);
+    let report = Report {
+        commit: machine::commit(),
+        machine: machine::Machine::now(),
+        plan,
+        scenarios: rows,
+        ratios,
+        targets,
+    };
+    write(&cli.out, &report)
 }
 
-/// Writes `results` as pretty JSON to `dir/name`; the path written.
-pub fn write_results(dir: &Path, name: &str, results: &impl Serialize) -> Result<PathBuf> {
-    let path = dir.join(name);
-    let json = serde_json::to_string_pretty(results).context("serializing the results")?;
-    std::fs::write(&path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(path)
+/// The scenarios to run: all, or those named plus their baselines, in [`SCENARIOS`] order.
+fn select(only: &[String]) -> Result<Vec<ScenarioDef>> {
+    for name in only {
+        if !SCENARIOS.iter().any(|s| s.name == name) {
+            let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+            bail!("no scenario {name:?}; there are {}", known.join(", "));
+        }
+    }
+    Ok(SCENARIOS
+        .iter()
+        .filter(|s| {
+            only.is_empty()
+                || only.iter().any(|o| o == s.name)
+                || only.iter().any(|o| SCENARIOS.iter().any(|t| t.name == o && t.baseline() == s.name))
+        })
+        .copied()
+        .collect())
 }
 
-/// The direct pair is really direct: the server sees the client's own address on both ends.
-pub fn check_direct_path(client: &Pod, to: SocketAddr) -> Result<()> {
-    let r = testapp::connect(client, to, &ConnectOpts { bytes: SIZE, ..ConnectOpts::default() })?;
-    ensure!(r.ok == 1, "direct path {} -> {to} does not work: {r:?}", client.name());
-    let own = format!("{}:", client.ipv4());
-    ensure!(
-        r.local_addrs.iter().chain(&r.peers_seen_by_server).all(|a| a.starts_with(&own)),
-        "direct path {} -> {to} is not direct: {r:?}",
-        client.name()
+/// Builds the scenario's world and mesh, proves the path, measures, and tears it all down.
+fn run_scenario(def: &ScenarioDef, plan: &Plan) -> Result<Measured> {
+    let world = World::build(def.topology)?;
+    let mesh = meshes::install(&world, def.mesh)?;
+    meshes::check_path(&world, &mesh, def.mesh).context("the traffic does not take the scenario's path")?;
+    eprintln!("ferry-bench: {}: path checked, measuring", def.name);
+    let measured = measure::run(&world, &mesh.pids(), plan)?;
+    drop(mesh);
+    drop(world);
+    Ok(measured)
+}
+
+/// Writes report.json, report.md and latency.svg under `out` and prints the Markdown.
+fn write(out: &Path, report: &Report) -> Result<()> {
+    let json = serde_json::to_string_pretty(report).context("serializing the report")?;
+    let md = report::markdown(report);
+    let title = format!(
+        "Open-loop latency, 1 KiB at {} req/s over {} connections ({} run, {})",
+        plan::RATE,
+        plan::HEADLINE_CONNS,
+        report.plan.mode,
+        &report.commit[..report.commit.len().min(12)]
     );
+    let svg = plot::latency_svg(&report.scenarios, &title);
+    for (name, text) in [("report.json", json + "\n"), ("report.md", md.clone()), ("latency.svg", svg)] {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!("{md}");
+    println!("written to {}/report.json, report.md, latency.svg", out.display());
     Ok(())
 }
 
-/// Interleaved `rr` rounds from each (client pod, server address) pair; direct rounds, mesh rounds.
-pub fn rr_rounds(
-    plan: RrPlan,
-    direct: (&Pod, SocketAddr),
-    mesh: (&Pod, SocketAddr),
-) -> Result<Pair<RrReport>> {
-    eprintln!(
-        "ferry-bench: rr: {} rounds x {} round trips of {SIZE} bytes (+{} warm-up) per scenario",
-        plan.rounds, plan.round_trips, plan.warmup
-    );
-    interleave(plan.rounds, |kind, round| {
-        let (pod, to) = if kind == Kind::Direct { direct } else { mesh };
-        let report = testapp::rr(pod, to, SIZE, plan.round_trips, plan.warmup)?;
-        ensure!(report.count == plan.round_trips, "too few round trips: {report:?}");
-        eprintln!("  round {round} {:<6} p50 {:>8.1} us", kind.name(), report.p50_us);
-        Ok(report)
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_brings_its_baseline_along() {
+        let names: Vec<&str> = select(&["ferry-mtls".to_owned()]).unwrap().iter().map(|s| s.name).collect();
+        assert_eq!(names, ["direct", "ferry-mtls"]);
+        assert_eq!(select(&[]).unwrap().len(), SCENARIOS.len());
+        assert!(select(&["nope".to_owned()]).is_err());
+    }
 }

@@ -1,0 +1,162 @@
+//! The scenarios: which mesh runs on top of a [`World`], how it is installed, and how the bench
+//! proves the traffic really takes that path before measuring it.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use std::net::SocketAddr;
+
+use ferry_tests::haproxy::{HaproxySidecar, SidecarMesh};
+use ferry_tests::scenario::{NAMESPACE, SERVER_PORT, SERVICE, events_of, pod_key};
+use ferry_tests::testapp::{self, ConnectOpts};
+use ferry_tests::{Agent, iptables};
+
+use crate::plan::SIZE;
+use crate::world::{CLIENT_SA, NODE_A, NODE_B, Topology, World};
+
+/// The trust domain of every mesh CA in the bench.
+const TRUST_DOMAIN: &str = "cluster.local";
+
+/// What carries the client's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshKind {
+    /// No mesh: the client's kernel balances the VIP with DNAT, as kube-proxy does.
+    Direct,
+    /// Ferry's eBPF redirect and node proxy, plaintext (no CA).
+    FerryL4,
+    /// Ferry with its CA: HBONE with mutual TLS between workloads (its default with a CA).
+    FerryMtls,
+    /// HAProxy as a classic sidecar in every pod behind iptables REDIRECT, with mutual TLS.
+    SidecarHaproxy,
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, Copy)]
+pub struct ScenarioDef {
+    /// The scenario's name in the report.
+    pub name: &'static str,
+    /// Where the servers are.
+    pub topology: Topology,
+    /// What carries the traffic.
+    pub mesh: MeshKind,
+}
+
+impl ScenarioDef {
+    /// The no-mesh scenario whose latency this one's "added" figures are measured against.
+    pub fn baseline(&self) -> &'static str {
+        match self.topology {
+            Topology::Local => "direct-local",
+            Topology::CrossNode => "direct",
+        }
+    }
+}
+
+/// Every scenario, baselines first so a run's drift shows against them last.
+pub const SCENARIOS: &[ScenarioDef] = &[
+    ScenarioDef { name: "direct-local", topology: Topology::Local, mesh: MeshKind::Direct },
+    ScenarioDef { name: "direct", topology: Topology::CrossNode, mesh: MeshKind::Direct },
+    ScenarioDef { name: "ferry-l4-local", topology: Topology::Local, mesh: MeshKind::FerryL4 },
+    ScenarioDef { name: "ferry-local", topology: Topology::Local, mesh: MeshKind::FerryMtls },
+    ScenarioDef { name: "ferry-mtls", topology: Topology::CrossNode, mesh: MeshKind::FerryMtls },
+    ScenarioDef { name: "sidecar-haproxy-local", topology: Topology::Local, mesh: MeshKind::SidecarHaproxy },
+    ScenarioDef { name: "sidecar-haproxy", topology: Topology::CrossNode, mesh: MeshKind::SidecarHaproxy },
+];
+
+/// A running mesh. Its processes stop when it drops (before the world they run in).
+pub struct Mesh {
+    agents: Vec<Agent>,
+    haproxy: Option<SidecarMesh>,
+    _ca: Option<tempfile::TempDir>,
+}
+
+impl Mesh {
+    /// Pids of every mesh process (agents or sidecars): what the cost figures add up.
+    pub fn pids(&self) -> Vec<u32> {
+        let sidecars = self.haproxy.iter().flat_map(|m| m.sidecars().iter().map(HaproxySidecar::pid));
+        self.agents.iter().map(Agent::pid).chain(sidecars).collect()
+    }
+}
+
+/// Installs `kind` on `world` and returns once its processes are ready.
+pub fn install(world: &World, kind: MeshKind) -> Result<Mesh> {
+    match kind {
+        MeshKind::Direct => {
+            iptables::install_service_dnat(&world.client, v4(world.service())?, &world.endpoints())?;
+            Ok(Mesh { agents: Vec::new(), haproxy: None, _ca: None })
+        }
+        MeshKind::FerryL4 | MeshKind::FerryMtls => node_agents(world, kind == MeshKind::FerryMtls),
+        MeshKind::SidecarHaproxy => {
+            let pods: Vec<(&ferry_tests::Pod, &str)> = std::iter::once((&world.client, CLIENT_SA))
+                .chain(world.servers.iter().map(|s| (s, SERVICE)))
+                .collect();
+            let endpoints: Vec<SocketAddr> = world.endpoints().into_iter().map(SocketAddr::V4).collect();
+            let mesh = SidecarMesh::start(&pods, &endpoints, SERVER_PORT)?;
+            Ok(Mesh { agents: Vec::new(), haproxy: Some(mesh), _ca: None })
+        }
+    }
+}
+
+/// One Ferry agent per node, with a CA when `mtls`.
+fn node_agents(world: &World, mtls: bool) -> Result<Mesh> {
+    let nodes: &[&str] = match world.topology {
+        Topology::Local => &[NODE_A],
+        Topology::CrossNode => &[NODE_A, NODE_B],
+    };
+    let ca = if mtls { Some(ferry_tests::ca::make_ca(TRUST_DOMAIN, nodes)?) } else { None };
+    let mut agents = Vec::new();
+    for (node, sim) in nodes.iter().zip(&world.nodes) {
+        let mut mesh = world.mesh_file(node, |_, node| node.to_owned());
+        if let Some(ca) = &ca {
+            mesh.ca(&ca.path().join("nodes").join(node), None);
+        }
+        agents.push(Agent::start(sim, &mesh.to_toml()).with_context(|| format!("agent on {node}"))?);
+    }
+    Ok(Mesh { agents, haproxy: None, _ca: ca })
+}
+
+fn v4(addr: std::net::SocketAddr) -> Result<std::net::SocketAddrV4> {
+    match addr {
+        std::net::SocketAddr::V4(a) => Ok(a),
+        std::net::SocketAddr::V6(a) => anyhow::bail!("the bench service is IPv4, not {a}"),
+    }
+}
+
+/// Proves the client's service traffic takes `kind`'s path: connections to the VIP reach several
+/// servers; the servers see the client itself (direct) or a local proxy (mesh); Ferry's agents
+/// record the connections with the expected security.
+pub fn check_path(world: &World, mesh: &Mesh, kind: MeshKind) -> Result<()> {
+    const CONNS: usize = 20;
+    let opts = ConnectOpts { bytes: SIZE, conns: CONNS, ..ConnectOpts::default() };
+    let r = testapp::connect(&world.client, world.service(), &opts)?;
+    ensure!(r.ok == CONNS as u64, "connections to the service failed: {r:?}");
+    ensure!(r.tags.len() > 1, "the service did not balance over its servers: {r:?}");
+    let client_ip = world.client.ipv4().to_string();
+    let seen_ok = |peer: &String| match kind {
+        MeshKind::Direct => peer.starts_with(&format!("{client_ip}:")),
+        _ => peer.starts_with("127.0.0.1:"),
+    };
+    ensure!(
+        r.peers_seen_by_server.iter().all(seen_ok),
+        "the servers saw unexpected peers for {kind:?}: {r:?}"
+    );
+    let Some(client_agent) = mesh.agents.first() else { return Ok(()) };
+    let security = if kind == MeshKind::FerryL4 { "none" } else { "mutual_tls" };
+    let client = pod_key(&world.client);
+    let outbound = |agent: &Agent| {
+        events_of(agent, "conn_close")
+            .into_iter()
+            .filter(|e| e["direction"] == "outbound" && e["pod"] == client.as_str())
+            .filter(|e| e["service"] == format!("{NAMESPACE}/echo").as_str() && e["security"] == security)
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while outbound(client_agent) < CONNS {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the client's agent recorded {} of {CONNS} outbound service connections with security {security}",
+            outbound(client_agent)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

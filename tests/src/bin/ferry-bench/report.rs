@@ -1,0 +1,373 @@
+//! The report: `report.json` (one row per scenario plus ratios and targets) and `report.md`.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::machine::Machine;
+use crate::measure::Measured;
+use crate::plan::{BULK_STREAMS, HEADLINE_CONNS, Plan, RATE};
+
+/// One scenario's row. The first eleven fields are the report's fixed schema; the rest add detail.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Scenario name.
+    pub name: String,
+    /// Open-loop latency percentiles at the headline connection count.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// p50 minus the baseline's p50 (same run, same load).
+    pub added_p50_us: f64,
+    /// p99 minus the baseline's p99.
+    pub added_p99_us: f64,
+    /// Requests per second achieved in the headline open-loop run.
+    pub rps: f64,
+    /// Bulk throughput over several streams, in Gbit/s.
+    pub gbps: f64,
+    /// CPU seconds of all mesh processes per 1,000 requests (0 without a mesh).
+    pub cpu_s_per_1k: f64,
+    /// Peak summed resident memory of all mesh processes, in MB.
+    pub rss_mb: f64,
+    /// The scenario the added figures are measured against.
+    pub baseline: String,
+    /// The connection count of the headline figures.
+    pub headline_conns: usize,
+    /// Closed-loop round trip on one connection: median, in µs.
+    pub rr_p50_us: f64,
+    /// Closed-loop round trip: 99th percentile, in µs.
+    pub rr_p99_us: f64,
+    /// Closed-loop median minus the baseline's.
+    pub added_rr_p50_us: f64,
+    /// New connections per second, one after another (connect, request, response, close).
+    pub conns_per_s: f64,
+    /// Bulk throughput over one stream, in Gbit/s.
+    pub gbps_1_stream: f64,
+    /// How many processes the cost figures add up.
+    pub mesh_processes: usize,
+    /// Everything measured, for a closer look.
+    pub measured: Measured,
+}
+
+/// A ratio of two scenarios' figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    /// "numerator / denominator".
+    pub name: String,
+    /// Of the added p50.
+    pub added_p50: f64,
+    /// Of the added p99.
+    pub added_p99: f64,
+    /// Of CPU per request.
+    pub cpu: f64,
+    /// Of resident memory.
+    pub rss: f64,
+}
+
+/// One of the issue's performance targets, checked against this run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is compared.
+    pub target: String,
+    /// The measured ratio.
+    pub value: f64,
+    /// The largest ratio that meets it.
+    pub limit: f64,
+    /// Whether the run meets it.
+    pub met: bool,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `git rev-parse HEAD` of the tree that was measured (with "-dirty" when it had changes).
+    pub commit: String,
+    /// Where it ran.
+    pub machine: Machine,
+    /// How much each scenario measured.
+    pub plan: Plan,
+    /// One row per scenario, in the order they ran.
+    pub scenarios: Vec<Row>,
+    /// Ferry against the sidecars.
+    pub ratios: Vec<Ratio>,
+    /// The issue's targets.
+    pub targets: Vec<Target>,
+}
+
+/// Builds a row from a scenario's measurements and its baseline's (None for a baseline itself).
+pub fn row(name: &str, baseline: &str, m: &Measured, base: Option<&Measured>) -> Row {
+    let head = m.load_at(HEADLINE_CONNS);
+    let base_head = base.and_then(|b| b.load_at(HEADLINE_CONNS));
+    let pick = |l: Option<&ferry_tests::testapp::LoadReport>,
+                f: fn(&ferry_tests::testapp::LoadReport) -> f64| { l.map(f).unwrap_or(0.0) };
+    let added = |f: fn(&ferry_tests::testapp::LoadReport) -> f64| match base_head {
+        Some(b) => pick(head, f) - f(b),
+        None => 0.0,
+    };
+    Row {
+        name: name.to_owned(),
+        p50_us: pick(head, |l| l.p50_us),
+        p90_us: pick(head, |l| l.p90_us),
+        p99_us: pick(head, |l| l.p99_us),
+        p999_us: pick(head, |l| l.p999_us),
+        added_p50_us: added(|l| l.p50_us),
+        added_p99_us: added(|l| l.p99_us),
+        rps: pick(head, |l| l.achieved_rps),
+        gbps: m.bulk_n.gbps,
+        cpu_s_per_1k: m.cpu_s_per_1k(),
+        rss_mb: m.rss_mb,
+        baseline: baseline.to_owned(),
+        headline_conns: HEADLINE_CONNS,
+        rr_p50_us: m.rr.p50_us,
+        rr_p99_us: m.rr.p99_us,
+        added_rr_p50_us: base.map(|b| m.rr.p50_us - b.rr.p50_us).unwrap_or(0.0),
+        conns_per_s: m.crr.conns_per_s,
+        gbps_1_stream: m.bulk_1.gbps,
+        mesh_processes: m.mesh_processes,
+        measured: m.clone(),
+    }
+}
+
+/// `a / b`, or NaN (shown as "-") when `b` is not positive.
+fn div(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::NAN }
+}
+
+/// The ratios and targets of the issue, for the scenarios present in `rows`.
+pub fn compare(rows: &[Row]) -> (Vec<Ratio>, Vec<Target>) {
+    let find = |name: &str| rows.iter().find(|r| r.name == name);
+    let mut ratios = Vec::new();
+    let mut targets = Vec::new();
+    let mut target = |target: String, value: f64, limit: f64| {
+        targets.push(Target { target, value, limit, met: value.is_finite() && value <= limit });
+    };
+    if let Some(ferry) = find("ferry-mtls") {
+        for sidecar in ["sidecar-ferry", "sidecar-haproxy"] {
+            let Some(s) = find(sidecar) else { continue };
+            let r = Ratio {
+                name: format!("ferry-mtls / {sidecar}"),
+                added_p50: div(ferry.added_p50_us, s.added_p50_us),
+                added_p99: div(ferry.added_p99_us, s.added_p99_us),
+                cpu: div(ferry.cpu_s_per_1k, s.cpu_s_per_1k),
+                rss: div(ferry.rss_mb, s.rss_mb),
+            };
+            target(format!("ferry-mtls added p50 < {sidecar}'s"), r.added_p50, 1.0);
+            target(format!("ferry-mtls added p99 < {sidecar}'s"), r.added_p99, 1.0);
+            target(format!("ferry-mtls CPU per request <= 0.7x {sidecar}'s"), r.cpu, 0.7);
+            target(format!("ferry-mtls RSS <= 0.2x {sidecar}'s (all 11 sidecars)"), r.rss, 0.2);
+            ratios.push(r);
+        }
+    }
+    if let (Some(fast), Some(h)) = (find("ferry-local-fastpath"), find("sidecar-haproxy-local")) {
+        let r = Ratio {
+            name: "ferry-local-fastpath / sidecar-haproxy-local".to_owned(),
+            added_p50: div(fast.added_p50_us, h.added_p50_us),
+            added_p99: div(fast.added_p99_us, h.added_p99_us),
+            cpu: div(fast.cpu_s_per_1k, h.cpu_s_per_1k),
+            rss: div(fast.rss_mb, h.rss_mb),
+        };
+        target("ferry-local-fastpath added p50 <= 0.5x sidecar-haproxy-local's".to_owned(), r.added_p50, 0.5);
+        ratios.push(r);
+    }
+    (ratios, targets)
+}
+
+/// A number for a table: "-" for NaN.
+fn n(x: f64, decimals: usize) -> String {
+    if x.is_finite() { format!("{x:.decimals$}") } else { "-".to_owned() }
+}
+
+/// "label | x | y": a label and numbers with their decimals.
+fn cells<'a>(label: &str, nums: impl IntoIterator<Item = &'a (f64, usize)>) -> String {
+    nums.into_iter().fold(label.to_owned(), |row, &(x, d)| format!("{row} | {}", n(x, d)))
+}
+
+/// Appends a Markdown table: `header` is "a | b | c"; the first column is text, the rest numbers.
+fn table(md: &mut String, header: &str, rows: impl Iterator<Item = String>) {
+    let columns = header.split('|').count();
+    let _ = writeln!(md, "| {header} |\n|---|{}", "---:|".repeat(columns - 1));
+    for row in rows {
+        let _ = writeln!(md, "| {row} |");
+    }
+}
+
+/// The Markdown report.
+pub fn markdown(r: &Report) -> String {
+    let mut md = String::new();
+    let m = &r.machine;
+    let _ = writeln!(md, "# Ferry benchmark ({} run)\n", r.plan.mode);
+    let _ = writeln!(
+        md,
+        "Commit `{}`; kernel {}, {} CPUs ({}), load average at the end {}.\n",
+        r.commit, m.kernel, m.cpus, m.cpu_model, m.load_average
+    );
+    let _ = writeln!(
+        md,
+        "Latency: open loop at {RATE} requests/s of 1 KiB over {HEADLINE_CONNS} persistent connections, \
+         measured from each request's intended send time (coordinated omission corrected), {:.1} s per run. \
+         Added = scenario minus its no-mesh baseline in the same run. CPU: user+system seconds of all mesh \
+         processes per 1,000 requests during the open-loop runs. RSS: peak summed resident memory of all \
+         mesh processes. Gbit/s: {BULK_STREAMS} bulk echo streams.\n",
+        r.plan.load.as_secs_f64()
+    );
+    table(
+        &mut md,
+        "scenario | p50 µs | p90 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | rps | Gbit/s | CPU s/1k req | RSS MB",
+        r.scenarios.iter().map(|s| {
+            let nums = [(s.p50_us, 1), (s.p90_us, 1), (s.p99_us, 1), (s.p999_us, 1), (s.added_p50_us, 1)];
+            let more = [(s.added_p99_us, 1), (s.rps, 0), (s.gbps, 2), (s.cpu_s_per_1k, 3), (s.rss_mb, 1)];
+            cells(&s.name, nums.iter().chain(&more))
+        }),
+    );
+    md += "\n## Ratios\n\n";
+    table(
+        &mut md,
+        "ratio | added p50 | added p99 | CPU | RSS",
+        r.ratios
+            .iter()
+            .map(|q| cells(&q.name, &[(q.added_p50, 2), (q.added_p99, 2), (q.cpu, 2), (q.rss, 2)])),
+    );
+    md += "\n## Targets\n\n";
+    table(
+        &mut md,
+        "target | measured | limit | met",
+        r.targets.iter().map(|t| {
+            let met = if t.met { "yes" } else { "**no**" };
+            format!("{} | {met}", cells(&t.target, &[(t.value, 2), (t.limit, 2)]))
+        }),
+    );
+    md += "\n## Latency by connection count (open loop, 1,000 requests/s)\n\n";
+    table(
+        &mut md,
+        "scenario | conns | p50 µs | p99 µs | p99.9 µs | max µs | rps",
+        r.scenarios.iter().flat_map(|s| {
+            s.measured.load.iter().map(|l| {
+                let nums = [(l.p50_us, 1), (l.p99_us, 1), (l.p999_us, 1), (l.max_us, 1), (l.achieved_rps, 0)];
+                cells(&format!("{} | {}", s.name, l.conns), &nums)
+            })
+        }),
+    );
+    md += "\n## Per-hop cost, connection rate, throughput\n\n";
+    table(
+        &mut md,
+        "scenario | rr p50 µs | rr p99 µs | added rr p50 µs | new conns/s | Gbit/s 1 stream | Gbit/s 8 streams",
+        r.scenarios.iter().map(|s| {
+            let nums = [(s.rr_p50_us, 1), (s.rr_p99_us, 1), (s.added_rr_p50_us, 1), (s.conns_per_s, 0)];
+            cells(&s.name, nums.iter().chain(&[(s.gbps_1_stream, 2), (s.gbps, 2)]))
+        }),
+    );
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_tests::testapp::{BulkReport, CrrReport, LoadReport, RrReport};
+
+    /// A scenario whose latency at every connection count is `p50` (p99 = 2 x p50), costing `cpu`
+    /// seconds over 10,000 requests and `rss` MB.
+    fn measured(p50: f64, cpu: f64, rss: f64) -> Measured {
+        let load = crate::plan::CONNS
+            .iter()
+            .map(|&conns| LoadReport {
+                conns,
+                p50_us: p50,
+                p90_us: p50 * 1.5,
+                p99_us: p50 * 2.0,
+                p999_us: p50 * 3.0,
+                achieved_rps: 1000.0,
+                ..LoadReport::default()
+            })
+            .collect();
+        Measured {
+            load,
+            rr: RrReport { count: 1, p50_us: p50 / 2.0, ..RrReport::default() },
+            crr: CrrReport::default(),
+            bulk_1: BulkReport::default(),
+            bulk_n: BulkReport { gbps: 1.5, ..BulkReport::default() },
+            cpu_s: cpu,
+            requests_sent: 10_000,
+            rss_mb: rss,
+            mesh_processes: 1,
+        }
+    }
+
+    fn rows() -> Vec<Row> {
+        let direct = measured(100.0, 0.0, 0.0);
+        let local = measured(90.0, 0.0, 0.0);
+        vec![
+            row("direct", "direct", &direct, None),
+            row("direct-local", "direct-local", &local, None),
+            row("ferry-mtls", "direct", &measured(140.0, 1.0, 50.0), Some(&direct)),
+            row("sidecar-haproxy", "direct", &measured(180.0, 2.0, 300.0), Some(&direct)),
+            row("ferry-local-fastpath", "direct-local", &measured(110.0, 0.5, 25.0), Some(&local)),
+            row("sidecar-haproxy-local", "direct-local", &measured(150.0, 2.0, 300.0), Some(&local)),
+        ]
+    }
+
+    #[test]
+    fn rows_subtract_their_baseline_in_the_same_run() {
+        let rows = rows();
+        let ferry = &rows[2];
+        assert_eq!((ferry.p50_us, ferry.added_p50_us, ferry.added_p99_us), (140.0, 40.0, 80.0));
+        assert_eq!(ferry.added_rr_p50_us, 20.0);
+        assert_eq!(ferry.cpu_s_per_1k, 0.1);
+        assert_eq!(rows[0].added_p50_us, 0.0);
+    }
+
+    #[test]
+    fn ratios_and_targets_compare_ferry_with_the_sidecars() {
+        let (ratios, targets) = compare(&rows());
+        let names: Vec<&str> = ratios.iter().map(|r| r.name.as_str()).collect();
+        // No sidecar-ferry row: its ratio is left out rather than made up.
+        assert_eq!(names, ["ferry-mtls / sidecar-haproxy", "ferry-local-fastpath / sidecar-haproxy-local"]);
+        let r = &ratios[0];
+        assert_eq!((r.added_p50, r.added_p99, r.cpu), (0.5, 0.5, 0.5));
+        assert!((r.rss - 50.0 / 300.0).abs() < 1e-9);
+        assert!(targets.iter().all(|t| t.met), "{targets:?}");
+        // 20 us added against 60: 0.33, under the 0.5 limit.
+        assert!((ratios[1].added_p50 - 20.0 / 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_missed_target_says_so() {
+        let mut rows = rows();
+        rows[2] = row("ferry-mtls", "direct", &measured(300.0, 3.0, 50.0), Some(&measured(100.0, 0.0, 0.0)));
+        let (_, targets) = compare(&rows);
+        let p50 = targets.iter().find(|t| t.target.starts_with("ferry-mtls added p50")).unwrap();
+        assert!(!p50.met && p50.value > 1.0, "{p50:?}");
+    }
+
+    #[test]
+    fn markdown_and_plot_show_every_scenario() {
+        let rows = rows();
+        let (ratios, targets) = compare(&rows);
+        let report = Report {
+            commit: "abc".into(),
+            machine: crate::machine::Machine::now(),
+            plan: Plan::smoke(),
+            scenarios: rows,
+            ratios,
+            targets,
+        };
+        let md = markdown(&report);
+        assert!(
+            md.contains(
+                "| ferry-mtls | 140.0 | 210.0 | 280.0 | 420.0 | 40.0 | 80.0 | 1000 | 1.50 | 0.100 | 50.0 |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| ferry-mtls / sidecar-haproxy | 0.50 | 0.50 | 0.50 | 0.17 |"), "{md}");
+        assert!(md.contains("| ferry-mtls | 16 | 140.0 | 280.0 | 420.0 | 0.0 | 1000 |"), "{md}");
+        let svg = crate::plot::latency_svg(&report.scenarios, "t");
+        for s in &report.scenarios {
+            assert!(svg.contains(&format!(">{}</text>", s.name)), "{} missing", s.name);
+        }
+        // One bar (with its hover title) per percentile per scenario.
+        assert_eq!(svg.matches("<title>").count(), 4 * report.scenarios.len());
+    }
+}
