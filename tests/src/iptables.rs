@@ -6,6 +6,7 @@
 //! The rules live in the pod's netns and disappear with it: there is nothing to clean up.
 
 use std::io::Write as _;
+use std::net::SocketAddrV4;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -43,26 +44,54 @@ fn rules(capture: &SidecarCapture, loopback: &str) -> String {
 /// Installs the capture rules (IPv4 and IPv6) in `pod`'s netns.
 pub fn install(pod: &Pod, capture: &SidecarCapture) -> Result<()> {
     for (program, loopback) in [("iptables-restore", "127.0.0.0/8"), ("ip6tables-restore", "::1/128")] {
-        let mut cmd = pod.netns_command(program);
-        cmd.arg("--noflush").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child =
-            cmd.spawn().with_context(|| format!("cannot run {program} (is iptables installed?)"))?;
-        let input = rules(capture, loopback);
-        child
-            .stdin
-            .take()
-            .context("no stdin")?
-            .write_all(input.as_bytes())
-            .with_context(|| format!("writing rules to {program}"))?;
-        let out = wait_with_timeout(child, Duration::from_secs(20))
-            .with_context(|| format!("{program} in pod {}", pod.name()))?;
-        ensure!(
-            out.status.success(),
-            "{program} in pod {} failed: {}\nrules:\n{input}",
-            pod.name(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        restore(pod, program, &rules(capture, loopback))?;
     }
+    Ok(())
+}
+
+/// Balances new connections from `pod` to `vip` over `endpoints` with DNAT, the way kube-proxy's
+/// iptables mode does for a ClusterIP service (IPv4 only): each rule takes its share at random.
+pub fn install_service_dnat(pod: &Pod, vip: SocketAddrV4, endpoints: &[SocketAddrV4]) -> Result<()> {
+    ensure!(!endpoints.is_empty(), "service {vip} has no endpoints");
+    restore(pod, "iptables-restore", &dnat_rules(vip, endpoints))
+}
+
+/// The `iptables-restore` input of [`install_service_dnat`].
+fn dnat_rules(vip: SocketAddrV4, endpoints: &[SocketAddrV4]) -> String {
+    let mut out = String::from("*nat\n:FERRY-SVC - [0:0]\n");
+    out += &format!("-A OUTPUT -p tcp -d {}/32 --dport {} -j FERRY-SVC\n", vip.ip(), vip.port());
+    let n = endpoints.len();
+    for (i, ep) in endpoints.iter().enumerate() {
+        let left = n - i;
+        let pick = if left > 1 {
+            format!("-m statistic --mode random --probability {:.10} ", 1.0 / left as f64)
+        } else {
+            String::new()
+        };
+        out += &format!("-A FERRY-SVC -p tcp {pick}-j DNAT --to-destination {ep}\n");
+    }
+    out + "COMMIT\n"
+}
+
+/// Feeds `input` to `program --noflush` (iptables-restore or ip6tables-restore) in `pod`'s netns.
+fn restore(pod: &Pod, program: &str, input: &str) -> Result<()> {
+    let mut cmd = pod.netns_command(program);
+    cmd.arg("--noflush").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("cannot run {program} (is iptables installed?)"))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(input.as_bytes())
+        .with_context(|| format!("writing rules to {program}"))?;
+    let out = wait_with_timeout(child, Duration::from_secs(20))
+        .with_context(|| format!("{program} in pod {}", pod.name()))?;
+    ensure!(
+        out.status.success(),
+        "{program} in pod {} failed: {}\nrules:\n{input}",
+        pod.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -106,5 +135,26 @@ mod tests {
         assert_eq!(lines[4], "-A OUTPUT -p tcp -d 127.0.0.0/8 -j RETURN");
         assert_eq!(lines[5], "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001");
         assert_eq!(lines.last(), Some(&"COMMIT"));
+    }
+
+    #[test]
+    fn dnat_gives_each_endpoint_an_equal_share() {
+        let vip: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
+        let eps: Vec<SocketAddrV4> = ["10.233.1.3:8080", "10.233.1.4:8080", "10.233.1.5:8080"]
+            .iter()
+            .map(|e| e.parse().unwrap())
+            .collect();
+        let text = dnat_rules(vip, &eps);
+        assert!(text.contains("-A OUTPUT -p tcp -d 10.96.0.10/32 --dport 80 -j FERRY-SVC\n"), "{text}");
+        // 1/3, then 1/2 of the rest, then all that is left: a third each.
+        assert!(
+            text.contains("--probability 0.3333333333 -j DNAT --to-destination 10.233.1.3:8080"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--probability 0.5000000000 -j DNAT --to-destination 10.233.1.4:8080"),
+            "{text}"
+        );
+        assert!(text.contains("-A FERRY-SVC -p tcp -j DNAT --to-destination 10.233.1.5:8080\n"), "{text}");
     }
 }
