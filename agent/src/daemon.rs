@@ -1,5 +1,7 @@
 //! `ferry run`: load the programs, enroll the node's pods, proxy until told to stop, and leave
-//! nothing behind in the kernel.
+//! nothing behind in the kernel. With `capture.mode = "iptables"` it is a classic sidecar instead:
+//! started inside its pod's netns (with the group id the pod's rules exempt), it loads no programs
+//! and relies on the pod's REDIRECT rules.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -10,11 +12,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     admin::{AdminServer, log_level::LogControl},
     bpf::{Datapath, loader::CaptureParams},
-    config::MeshConfig,
+    config::{CaptureMode, MeshConfig},
     events::EventSink,
     introspect::Introspect,
     metrics::{BuildInfo, Metrics, MetricsServer},
-    proxy::{MeshState, ProxyPorts, ProxyShared, Sinks, mtls::Mtls},
+    proxy::{MeshState, ProxyPorts, ProxyShared, Sinks, mtls::Mtls, orig_dst::OrigDst},
     reconcile::NodeState,
 };
 
@@ -69,8 +71,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         inbound: capture.inbound_port,
         tunnel: capture.tunnel_port,
     };
-    let (datapath, orig_dst) = Datapath::load(&params).context("loading eBPF programs")?;
-    let program_ids = datapath.program_ids();
+    let (datapath, orig_dst) = match capture.mode {
+        CaptureMode::Ebpf => {
+            let (datapath, table) = Datapath::load(&params).context("loading eBPF programs")?;
+            (Some(datapath), OrigDst::Ebpf(table))
+        }
+        CaptureMode::Iptables => {
+            tracing::info!("capture mode iptables: no eBPF programs; the pods' REDIRECT rules capture");
+            (None, OrigDst::Netfilter)
+        }
+    };
+    let capture_mode = capture.mode;
+    let program_ids = datapath.as_ref().map(Datapath::program_ids).unwrap_or_default();
     let sinks = Sinks { events, access_log, metrics: metrics.clone() };
     let shared = Arc::new(ProxyShared::new(orig_dst, sinks, ports, mtls, MeshState::new(config)));
     let node = Arc::new(NodeState::new(datapath, shared.clone()));
@@ -85,7 +97,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let metrics_task = tokio::spawn(metrics_server.serve(metrics.clone(), stopped(stop_rx)));
     let pods = node.enroll_all().await.context("starting up")?;
     shared.events.emit(json!({
-        "event": "ready", "pods": pods,
+        "event": "ready", "pods": pods, "capture": capture_mode.to_string(),
         "programs": program_ids.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
     }));
     tracing::info!(pods, "ready");

@@ -20,7 +20,7 @@ use crate::{
             TraceEndpointView, TraceServiceView, TraceView, Transport, WorkloadView,
         },
     },
-    config::Mode,
+    config::{CaptureMode, Mode},
     metrics::{BpfRedirects, RedirectDirection},
     proxy::routes::Resolved,
     reconcile::NodeState,
@@ -41,15 +41,17 @@ impl Introspect {
     }
 
     /// Per-pod redirect counters from the kernel, for `ferry_bpf_redirects_total`.
+    /// None with iptables capture: no program redirects anything.
     pub fn bpf_redirects(node: &NodeState) -> Vec<BpfRedirects> {
-        let dp = node.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(datapath) = &node.datapath else { return Vec::new() };
+        let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
         node.with_enrolled_blocking(|enrolled| {
             let mut rows = Vec::new();
             for (key, (_, e)) in enrolled {
                 rows.push(BpfRedirects {
                     direction: RedirectDirection::Outbound,
                     pod: key.clone(),
-                    value: dp.pod_outbound_redirects(e.cgroup_id),
+                    value: e.cgroup_id.map_or(0, |id| dp.pod_outbound_redirects(id)),
                 });
                 let inbound = e.inbound_ips().iter().map(|ip| dp.inbound_steers(*ip)).sum();
                 rows.push(BpfRedirects {
@@ -197,8 +199,12 @@ impl AdminState for Introspect {
     }
 
     fn bpf(&self) -> Result<BpfView, StateError> {
+        let Some(datapath) = &self.node.datapath else {
+            // A sidecar behind iptables rules: nothing in the kernel belongs to this agent.
+            return Ok(BpfView { capture: CaptureMode::Iptables.to_string(), ..Default::default() });
+        };
         let redirects = Self::bpf_redirects(&self.node);
-        let dp = self.node.datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
         let programs = dp
             .program_ids()
             .into_iter()
@@ -230,7 +236,7 @@ impl AdminState for Introspect {
                     };
                     BpfPodView {
                         pod: key.clone(),
-                        cgroup: Some(e.cgroup.display().to_string()),
+                        cgroup: e.cgroup.as_ref().map(|c| c.display().to_string()),
                         links: e
                             .link_ids()
                             .iter()
@@ -244,6 +250,7 @@ impl AdminState for Introspect {
         });
         let listeners: u64 = pods.len() as u64;
         Ok(BpfView {
+            capture: CaptureMode::Ebpf.to_string(),
             programs,
             maps: vec![BpfMapView {
                 name: ferry_common::maps::INBOUND_LISTENERS.to_owned(),
@@ -326,8 +333,18 @@ impl AdminState for Introspect {
             return Ok(view);
         }
         view.captured = true;
-        view.program = Some(if dest.is_ipv4() { "ferry_connect4" } else { "ferry_connect6" }.to_owned());
-        view.reason = "TCP to a non-loopback destination that is not excluded".into();
+        match capture.mode {
+            CaptureMode::Ebpf => {
+                let program = if dest.is_ipv4() { "ferry_connect4" } else { "ferry_connect6" };
+                view.program = Some(program.to_owned());
+                view.reason = "TCP to a non-loopback destination that is not excluded".into();
+            }
+            CaptureMode::Iptables => {
+                view.reason = "TCP to a non-loopback destination, if the pod's iptables rules \
+                               redirect it (capture mode iptables)"
+                    .into();
+            }
+        }
         let target = match state.routes.resolve(SocketAddr::new(ip, dest.port())) {
             Ok(Resolved::Service { route, pick }) => {
                 view.service = Some(TraceServiceView {

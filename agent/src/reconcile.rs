@@ -45,17 +45,17 @@ pub struct ApplyReport {
 
 /// The agent's live state: programs, proxy state and enrolled pods.
 pub struct NodeState {
-    /// The loaded kernel programs and maps.
-    pub datapath: Mutex<Datapath>,
+    /// The loaded kernel programs and maps; `None` with iptables capture, which loads none.
+    pub datapath: Option<Mutex<Datapath>>,
     /// What the proxy tasks share.
     pub shared: Arc<ProxyShared>,
     enrolled: tokio::sync::Mutex<BTreeMap<String, (Pod, Enrollment)>>,
 }
 
 impl NodeState {
-    /// Wraps freshly loaded programs and proxy state; nothing is enrolled yet.
-    pub fn new(datapath: Datapath, shared: Arc<ProxyShared>) -> Self {
-        Self { datapath: Mutex::new(datapath), shared, enrolled: Default::default() }
+    /// Wraps freshly loaded programs (if any) and proxy state; nothing is enrolled yet.
+    pub fn new(datapath: Option<Datapath>, shared: Arc<ProxyShared>) -> Self {
+        Self { datapath: datapath.map(Mutex::new), shared, enrolled: Default::default() }
     }
 
     /// Enrolls every local pod of the current config; any failure undoes everything and fails.
@@ -69,7 +69,7 @@ impl NodeState {
                 }
                 Err(err) => {
                     for (_, (_, e)) in std::mem::take(&mut *enrolled) {
-                        e.unenroll(&self.datapath);
+                        e.unenroll(self.datapath.as_ref());
                     }
                     return Err(ApplyError::Enroll(err));
                 }
@@ -108,7 +108,7 @@ impl NodeState {
             .collect();
         for key in stale {
             if let Some((_, e)) = enrolled.remove(&key) {
-                e.unenroll(&self.datapath);
+                e.unenroll(self.datapath.as_ref());
                 if wanted.contains_key(&key) {
                     report.reenrolled.push(key);
                 } else {
@@ -136,7 +136,7 @@ impl NodeState {
     /// Unenrolls everything (detaching programs and closing listeners).
     pub async fn shutdown(&self) {
         for (_, (_, e)) in std::mem::take(&mut *self.enrolled.lock().await) {
-            e.unenroll(&self.datapath);
+            e.unenroll(self.datapath.as_ref());
         }
     }
 
@@ -147,7 +147,7 @@ impl NodeState {
     }
 
     async fn enroll(&self, pod: &Pod) -> Result<Enrollment, EnrollError> {
-        let e = Enrollment::enroll(pod, &self.datapath, self.shared.clone()).await?;
+        let e = Enrollment::enroll(pod, self.datapath.as_ref(), self.shared.clone()).await?;
         tracing::info!(pod = %e.key, "enrolled");
         self.shared.events.emit(json!({
             "event": "enrolled", "pod": e.key, "cgroup": e.cgroup, "netns_cookie": e.netns_cookie(),

@@ -1,24 +1,26 @@
 //! Running the Ferry agent on a simulated node and reading its JSON-lines events.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::{ChildGuard, SimNode, bin_path};
+use crate::{ChildGuard, Pod, SimNode, bin_path, iptables::PROXY_GID};
 
 /// How long [`Agent::start`] waits for the `ready` event.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`Agent::stop`] waits after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running agent (`ferry run`) in a node's network namespace, in no pod's cgroup. Its mesh file,
-/// events and logs live in a temporary directory. Dropping it kills the agent; dropping it during
-/// a panic also prints its stderr and events to help the failing test.
+/// A running agent (`ferry run`) in a node's network namespace, in no pod's cgroup, or a sidecar in
+/// a pod's network namespace ([`Agent::start_sidecar`]). Its mesh file, events and logs live in a
+/// temporary directory. Dropping it kills the agent; dropping it during a panic also prints its
+/// stderr and events to help the failing test.
 #[derive(Debug)]
 pub struct Agent {
     /// In a mutex so waiting (which reaps on exit) works through a shared reference.
@@ -36,6 +38,28 @@ impl Agent {
 
     /// [`Agent::start`] with another program in place of the `ferry` binary.
     pub fn start_program(node: &SimNode, program: &Path, mesh_toml: &str) -> Result<Agent> {
+        let what = format!("agent on node {}", node.name());
+        Self::launch(node.command(program), mesh_toml, |cmd| node.spawn(cmd), &what)
+    }
+
+    /// Starts `ferry run` as a classic sidecar of `pod`: inside the pod's netns (not its cgroup),
+    /// with group id [`PROXY_GID`] so the pod's iptables rules (see [`crate::iptables::install`])
+    /// leave its own connections alone. `mesh_toml` should set `capture.mode = "iptables"` and name
+    /// the pod's node as its own `node`. The pod's teardown kills it too.
+    pub fn start_sidecar(pod: &Pod, mesh_toml: &str) -> Result<Agent> {
+        let mut cmd = pod.netns_command(bin_path("ferry"));
+        cmd.gid(PROXY_GID);
+        let what = format!("sidecar in pod {}", pod.name());
+        Self::launch(cmd, mesh_toml, |cmd| pod.spawn(cmd), &what)
+    }
+
+    /// Runs `cmd` as `ferry run` with a fresh directory of files and waits for readiness.
+    fn launch(
+        mut cmd: Command,
+        mesh_toml: &str,
+        spawn: impl FnOnce(Command) -> Result<ChildGuard>,
+        what: &str,
+    ) -> Result<Agent> {
         let dir =
             tempfile::Builder::new().prefix("ferry-agent-").tempdir().context("cannot create a temp dir")?;
         let mesh = dir.path().join("mesh.toml");
@@ -46,7 +70,6 @@ impl Agent {
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))
         };
         // Logs go to files rather than pipes: nothing to drain, and they outlive the process.
-        let mut cmd = node.command(program);
         cmd.arg("run")
             .arg("--config")
             .arg(&mesh)
@@ -59,11 +82,11 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log("stdout.log")?)
             .stderr(log("stderr.log")?);
-        let child = node.spawn(cmd)?;
+        let child = spawn(cmd)?;
         let agent = Agent { pid: child.pid(), child: Mutex::new(child), dir };
         agent
             .wait_for_event(|e| e["event"] == "ready", READY_TIMEOUT)
-            .with_context(|| format!("agent on node {} did not become ready", node.name()))?;
+            .with_context(|| format!("{what} did not become ready"))?;
         Ok(agent)
     }
 

@@ -20,6 +20,8 @@ pub struct MeshFile {
 /// The `[capture]` table.
 #[derive(Debug, Clone, Default, Serialize)]
 struct Capture {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<String>,
     exclude_ports: Vec<u16>,
     exclude_cidrs: Vec<String>,
 }
@@ -118,6 +120,13 @@ impl MeshFile {
         self
     }
 
+    /// Sets `capture.mode`: "ebpf" (the agent's default) or "iptables" (a sidecar per pod, see
+    /// [`crate::Agent::start_sidecar`]).
+    pub fn capture_mode(&mut self, mode: &str) -> &mut Self {
+        self.capture.mode = Some(mode.to_owned());
+        self
+    }
+
     /// Excludes destination port `port` from capture.
     pub fn exclude_port(&mut self, port: u16) -> &mut Self {
         self.capture.exclude_ports.push(port);
@@ -191,6 +200,7 @@ mod tests {
         let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
         assert_eq!(value["node"].as_str(), Some("node-a"));
         assert!(value.get("trust_domain").is_none());
+        assert!(value["capture"].get("mode").is_none(), "the agent's default applies");
         assert_eq!(value["capture"]["exclude_ports"][0].as_integer(), Some(22));
         assert_eq!(value["capture"]["exclude_cidrs"][0].as_str(), Some("169.254.0.0/16"));
         let pods = value["pods"].as_array().unwrap();
@@ -209,11 +219,14 @@ mod tests {
     }
 
     #[test]
-    fn trust_domain_is_written_when_set() {
+    fn trust_domain_and_capture_mode_are_written_when_set() {
         let mut mesh = MeshFile::new("n");
         mesh.trust_domain("example.org");
         let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
         assert_eq!(value["trust_domain"].as_str(), Some("example.org"));
+        mesh.capture_mode("iptables");
+        let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
+        assert_eq!(value["capture"]["mode"].as_str(), Some("iptables"));
         assert_eq!(value["pods"].as_array().map(Vec::len), Some(0));
     }
 }

@@ -53,29 +53,53 @@ impl Scenario {
     /// Builds the node `name`, starts an echo server in every server pod, then the agent, and
     /// returns once the agent reported ready.
     pub fn start(name: &str) -> Result<Self> {
+        let pods = ScenarioPods::start(name)?;
+        let mut mesh = MeshFile::new("node-a");
+        mesh.pod(&pods.client, NAMESPACE, "client");
+        for s in &pods.servers {
+            mesh.pod(s, NAMESPACE, SERVICE);
+        }
+        echo_service(&mut mesh);
+        let agent = Agent::start(&pods.node, &mesh.to_toml()).context("starting the agent")?;
+        let ScenarioPods { client, servers, outsider, server_guards, node } = pods;
+        Ok(Self { agent, client, servers, outsider, _servers: server_guards, node })
+    }
+}
+
+/// The scenario's node and pods with the echo servers running, before any agent (or sidecar)
+/// starts. Fields drop in order: the servers, then the node.
+pub struct ScenarioPods {
+    /// The client pod.
+    pub client: Pod,
+    /// server-1 then server-2, each serving [`SERVER_PORT`] tagged with its name.
+    pub servers: Vec<Pod>,
+    /// A pod meant to stay out of the mesh.
+    pub outsider: Pod,
+    /// The echo servers.
+    pub server_guards: Vec<ChildGuard>,
+    /// The node; declared last so it is dropped after everything running on it.
+    pub node: SimNode,
+}
+
+impl ScenarioPods {
+    /// Builds the node `name` with its pods and starts an echo server in every server pod.
+    pub fn start(name: &str) -> Result<Self> {
         let mut node = SimNode::new(name, 1)?;
         let client = node.add_pod("client")?;
         let servers = vec![node.add_pod("server-1")?, node.add_pod("server-2")?];
         let outsider = node.add_pod("outsider")?;
-        let mut guards = Vec::new();
+        let mut server_guards = Vec::new();
         for s in &servers {
-            guards.push(serve(s, SERVER_PORT, s.name())?);
+            server_guards.push(serve(s, SERVER_PORT, s.name())?);
         }
-        let mut mesh = MeshFile::new("node-a");
-        mesh.pod(&client, NAMESPACE, "client");
-        for s in &servers {
-            mesh.pod(s, NAMESPACE, SERVICE);
-        }
-        mesh.service(
-            SERVICE,
-            NAMESPACE,
-            &[VIP4, VIP6],
-            &[(SERVICE_PORT, SERVER_PORT)],
-            &["server-1", "server-2"],
-        );
-        let agent = Agent::start(&node, &mesh.to_toml()).context("starting the agent")?;
-        Ok(Self { agent, client, servers, outsider, _servers: guards, node })
+        Ok(Self { client, servers, outsider, server_guards, node })
     }
+}
+
+/// Adds service [`SERVICE`] (both VIPs, [`SERVICE_PORT`] to [`SERVER_PORT`], endpoints server-1
+/// and server-2) to `mesh`.
+pub fn echo_service(mesh: &mut MeshFile) -> &mut MeshFile {
+    mesh.service(SERVICE, NAMESPACE, &[VIP4, VIP6], &[(SERVICE_PORT, SERVER_PORT)], &["server-1", "server-2"])
 }
 
 /// The service's IPv4 or IPv6 VIP with [`SERVICE_PORT`].

@@ -261,7 +261,7 @@ pub struct ConnectionView {
 /// `GET /bpf`: the kernel side of the data path.
 ///
 /// ```json
-/// {"programs": [{"name": "ferry_connect4", "id": 41, "kind": "cgroup_sock_addr"}],
+/// {"capture": "ebpf", "programs": [{"name": "ferry_connect4", "id": 41, "kind": "cgroup_sock_addr"}],
 ///  "pods": [{"pod": "default/client", "cgroup": "/sys/fs/cgroup/pods/client",
 ///            "links": [{"program": "ferry_connect4", "id": 7}],
 ///            "outbound_redirects": 10, "inbound_steers": 3}],
@@ -270,6 +270,9 @@ pub struct ConnectionView {
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BpfView {
+    /// How the agent captures traffic: `"ebpf"`, or `"iptables"` (a sidecar: no programs, no maps).
+    #[serde(default)]
+    pub capture: String,
     /// Loaded programs.
     pub programs: Vec<BpfProgramView>,
     /// Per enrolled pod: its links and counters.

@@ -131,6 +131,7 @@ impl AdminState for FakeState {
             return Err(StateError::Failed("reading map COUNTERS: EPERM".into()));
         }
         Ok(BpfView {
+            capture: "ebpf".into(),
             programs: vec![BpfProgramView {
                 name: "ferry_connect4".into(),
                 id: 41,

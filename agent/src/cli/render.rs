@@ -141,6 +141,11 @@ pub fn connections(list: &[ConnectionView]) -> Table {
 
 /// `ferry bpf`: programs, links per pod, pod counters, maps and node counters, as titled tables.
 pub fn bpf(view: &BpfView) -> String {
+    if view.capture == "iptables" {
+        return "Capture: iptables (the pod's REDIRECT rules send its traffic to this agent; \
+                no eBPF programs are loaded)\n"
+            .to_owned();
+    }
     let mut programs = Table::new(&["NAME", "ID", "TYPE"]);
     for p in &view.programs {
         programs.row(vec![p.name.clone(), p.id.to_string(), or_dash(p.kind.as_deref())]);
@@ -263,6 +268,7 @@ mod tests {
     #[test]
     fn bpf_has_a_section_per_part() {
         let view = BpfView {
+            capture: "ebpf".into(),
             programs: vec![BpfProgramView { name: "ferry_connect4".into(), id: 41, kind: None }],
             pods: vec![BpfPodView {
                 pod: "default/client".into(),
@@ -280,5 +286,13 @@ mod tests {
         assert!(text.contains("default/client   10                   3\n"), "{text}");
         assert!(text.contains("COUNTERS   2         -\n"), "{text}");
         assert!(text.ends_with("Counters:\n  (none)\n"), "{text}");
+    }
+
+    #[test]
+    fn bpf_of_an_iptables_sidecar_says_so() {
+        let view = BpfView { capture: "iptables".into(), ..Default::default() };
+        let text = bpf(&view);
+        assert!(text.starts_with("Capture: iptables "), "{text}");
+        assert!(!text.contains("Programs:"), "{text}");
     }
 }

@@ -6,6 +6,7 @@
 //! trust_domain = "cluster.local"
 //!
 //! [capture]
+//! mode = "ebpf"   # or "iptables": a classic sidecar inside the pod's netns, no eBPF
 //! exclude_ports = [22]
 //! exclude_cidrs = ["169.254.0.0/16"]
 //!
@@ -70,6 +71,8 @@ struct Index {
 /// Capture settings shared by every local pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureSettings {
+    /// How the pods' connections reach the proxy.
+    pub mode: CaptureMode,
     /// Destination ports never captured (SSH, say).
     pub exclude_ports: Vec<u16>,
     /// Destination networks never captured.
@@ -94,9 +97,30 @@ pub struct CaSettings {
     pub svid_ttl_seconds: u64,
 }
 
+/// How the connections of local pods are sent to the proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum CaptureMode {
+    /// The agent's eBPF programs steer the pods' sockets (connect4/6 redirect, sk_lookup steering).
+    #[default]
+    Ebpf,
+    /// iptables REDIRECT rules in the pod's netns send the traffic, as for a classic sidecar: the
+    /// agent loads no programs and reads original destinations with `SO_ORIGINAL_DST`.
+    Iptables,
+}
+
+impl fmt::Display for CaptureMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CaptureMode::Ebpf => "ebpf",
+            CaptureMode::Iptables => "iptables",
+        })
+    }
+}
+
 impl Default for CaptureSettings {
     fn default() -> Self {
         Self {
+            mode: CaptureMode::Ebpf,
             exclude_ports: Vec::new(),
             exclude_cidrs: Vec::new(),
             outbound_port: 15001,
@@ -119,7 +143,7 @@ pub struct Pod {
     pub node: String,
     /// Its network namespace file; always present for local pods.
     pub netns: Option<PathBuf>,
-    /// Its cgroup v2 directory; always present for local pods.
+    /// Its cgroup v2 directory; always present for local pods when capture is eBPF.
     pub cgroup: Option<PathBuf>,
     /// Its IPv4 address, if it has one.
     pub ipv4: Option<Ipv4Addr>,

@@ -34,6 +34,7 @@ pub(super) struct RawCa {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub(super) struct RawCapture {
+    pub mode: Option<String>,
     #[serde(default)]
     pub exclude_ports: Vec<i64>,
     #[serde(default)]

@@ -22,6 +22,7 @@ fn full_file_round_trip() {
     assert_eq!(
         config.capture,
         CaptureSettings {
+            mode: CaptureMode::Ebpf,
             exclude_ports: vec![22, 9100],
             exclude_cidrs: vec![
                 "169.254.0.0/16".parse().expect("cidr"),

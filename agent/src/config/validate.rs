@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use super::error::ConfigError;
 use super::schema::{RawCa, RawCapture, RawConfig, RawPod, RawService};
 use super::{
-    CaSettings, CaptureSettings, DEFAULT_SVID_TTL_SECONDS, DEFAULT_TRUST_DOMAIN, Index, MeshConfig, Mode,
-    Pod, Service, ServicePort, names,
+    CaSettings, CaptureMode, CaptureSettings, DEFAULT_SVID_TTL_SECONDS, DEFAULT_TRUST_DOMAIN, Index,
+    MeshConfig, Mode, Pod, Service, ServicePort, names,
 };
 
 /// Validates `raw` and builds the lookup indexes.
@@ -27,8 +27,8 @@ pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
     let mut pods: Vec<Pod> = Vec::with_capacity(raw.pods.len());
     for (i, raw_pod) in raw.pods.into_iter().enumerate() {
         let path = format!("pods[{i}]");
-        let pod =
-            pod(&path, raw_pod, &raw.node, |ip| index.pod_by_ip.get(&ip).map(|&other| pods[other].key()))?;
+        let owner = |ip| index.pod_by_ip.get(&ip).map(|&other| pods[other].key());
+        let pod = pod(&path, raw_pod, &raw.node, capture.mode, owner)?;
         unique_name(&mut pod_names, &path, &pod.namespace, &pod.name, i)?;
         index.pod_by_ip.extend(pod.ips().map(|ip| (ip, i)));
         pods.push(pod);
@@ -82,6 +82,28 @@ fn ca(raw: RawCa) -> Result<CaSettings, ConfigError> {
 
 fn capture(raw: RawCapture) -> Result<CaptureSettings, ConfigError> {
     let defaults = CaptureSettings::default();
+    let mode = match raw.mode.as_deref() {
+        None | Some("ebpf") => CaptureMode::Ebpf,
+        Some("iptables") => CaptureMode::Iptables,
+        Some(other) => {
+            let msg = format!("{other:?} is not a capture mode; use \"ebpf\" or \"iptables\"");
+            return Err(ConfigError::invalid("capture.mode", msg));
+        }
+    };
+    // The exclusions are written into the eBPF maps; with iptables the pod's rules decide alone,
+    // and silently ignoring them would capture what the operator meant to leave alone.
+    if mode == CaptureMode::Iptables {
+        for (name, set) in [
+            ("exclude_ports", !raw.exclude_ports.is_empty()),
+            ("exclude_cidrs", !raw.exclude_cidrs.is_empty()),
+        ] {
+            if set {
+                let msg = "has no effect with mode = \"iptables\": the pod's iptables rules decide what \
+                           is captured";
+                return Err(ConfigError::invalid(format!("capture.{name}"), msg));
+            }
+        }
+    }
     let mut exclude_ports = Vec::with_capacity(raw.exclude_ports.len());
     for (i, &value) in raw.exclude_ports.iter().enumerate() {
         let path = format!("capture.exclude_ports[{i}]");
@@ -112,7 +134,7 @@ fn capture(raw: RawCapture) -> Result<CaptureSettings, ConfigError> {
         ("inbound_port", raw.inbound_port, defaults.inbound_port),
         ("tunnel_port", raw.tunnel_port, defaults.tunnel_port),
     ])?;
-    Ok(CaptureSettings { exclude_ports, exclude_cidrs, outbound_port, inbound_port, tunnel_port })
+    Ok(CaptureSettings { mode, exclude_ports, exclude_cidrs, outbound_port, inbound_port, tunnel_port })
 }
 
 /// The proxy's listener ports, given as (name, value, default): each valid and all distinct.
@@ -135,6 +157,7 @@ fn pod(
     path: &str,
     raw: RawPod,
     this_node: &str,
+    capture: CaptureMode,
     owner: impl Fn(IpAddr) -> Option<String>,
 ) -> Result<Pod, ConfigError> {
     let field = |name: &str| format!("{path}.{name}");
@@ -146,7 +169,9 @@ fn pod(
     names::dns_subdomain(&node).map_err(|m| ConfigError::invalid(field("node"), m))?;
     let local = node == this_node;
     let netns = host_path(&field("netns"), raw.netns, local, this_node)?;
-    let cgroup = host_path(&field("cgroup"), raw.cgroup, local, this_node)?;
+    // Only the eBPF programs attach to the cgroup; iptables capture lives in the netns.
+    let cgroup_needed = local && capture == CaptureMode::Ebpf;
+    let cgroup = host_path(&field("cgroup"), raw.cgroup, cgroup_needed, this_node)?;
 
     if raw.ips.is_empty() {
         return Err(ConfigError::invalid(field("ips"), "at least one address is required"));
@@ -192,15 +217,15 @@ fn pod(
     })
 }
 
-/// A netns or cgroup path: absolute when given, and required for pods on this node.
+/// A netns or cgroup path: absolute when given, and present when `required` (pods on this node).
 fn host_path(
     path: &str,
     value: Option<String>,
-    local: bool,
+    required: bool,
     this_node: &str,
 ) -> Result<Option<PathBuf>, ConfigError> {
     match value {
-        None if local => {
+        None if required => {
             let msg = format!("missing; it is required for pods on this node ({this_node:?})");
             Err(ConfigError::invalid(path, msg))
         }
@@ -391,6 +416,25 @@ mod tests {
                 "node = \"a\"\n[capture]\noutbound_port = 0\n".into(),
                 "capture.outbound_port: 0 is not a valid port",
             ),
+            (
+                "node = \"a\"\n[capture]\nmode = \"nftables\"\n".into(),
+                "capture.mode: \"nftables\" is not a capture mode; use \"ebpf\" or \"iptables\"",
+            ),
+            ("node = \"a\"\n[capture]\nmode = 1\n".into(), "capture.mode: invalid type: integer `1`"),
+            (
+                "node = \"a\"\n[capture]\nmode = \"iptables\"\nexclude_ports = [22]\n".into(),
+                "capture.exclude_ports: has no effect with mode = \"iptables\"",
+            ),
+            (
+                "node = \"a\"\n[capture]\nmode = \"iptables\"\nexclude_cidrs = [\"10.0.0.0/8\"]\n".into(),
+                "capture.exclude_cidrs: has no effect with mode = \"iptables\"",
+            ),
+            (
+                "node = \"a\"\n[capture]\nmode = \"iptables\"\n[[pods]]\nname = \"p\"\nnamespace = \"d\"\n\
+                 service_account = \"p\"\nips = [\"10.0.0.1\"]\n"
+                    .into(),
+                "pods[0].netns: missing; it is required for pods on this node (\"a\")",
+            ),
             // Pods.
             (pod("ips = [\"10.0.0.300\"]"), "pods[3].ips[0]: \"10.0.0.300\" is not an IP address"),
             (pod("ips = []"), "pods[3].ips: at least one address is required"),
@@ -511,6 +555,19 @@ mod tests {
         assert_eq!(config.capture, CaptureSettings::default());
         assert_eq!((config.pods[0].node.as_str(), config.pods[0].mode), ("node-a", Mode::Permissive));
         assert!(config.services.is_empty());
+    }
+
+    #[test]
+    fn iptables_capture_needs_no_cgroup() {
+        let text = "node = \"node-a\"\n[capture]\nmode = \"iptables\"\n[[pods]]\nname = \"p\"\n\
+                    namespace = \"demo\"\nservice_account = \"p\"\nnetns = \"/n\"\nips = [\"10.0.0.1\"]\n";
+        let config = MeshConfig::parse(text).expect("valid");
+        assert_eq!(config.capture.mode, CaptureMode::Iptables);
+        assert_eq!(config.capture.mode.to_string(), "iptables");
+        assert_eq!(config.pods[0].cgroup, None);
+        // The same pod with eBPF capture must name its cgroup.
+        let ebpf = text.replace("mode = \"iptables\"\n", "");
+        assert!(error(&ebpf).contains("pods[0].cgroup: missing; it is required"), "{}", error(&ebpf));
     }
 
     #[test]

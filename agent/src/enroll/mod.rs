@@ -2,6 +2,9 @@
 //!
 //! Order matters. Listeners come first, then the sk_lookup table, then the program attachments, so
 //! capture never starts before there is something to capture to. Unenrollment runs the other way.
+//! With iptables capture there are no programs: the pod's REDIRECT rules already point at the
+//! listeners, and the inbound one binds the wildcard address because REDIRECT rewrites the
+//! destination to the pod's own address.
 
 pub mod netns;
 
@@ -15,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     bpf::{Datapath, DatapathError, PodAttachment},
-    config::Pod,
+    config::{CaptureMode, Pod},
     proxy::{
         PodContext, ProxyShared, accept_loop, inbound, mtls::MtlsError, outbound, sockets::listen_in, tunnel,
     },
@@ -75,10 +78,10 @@ pub enum EnrollError {
 pub struct Enrollment {
     /// "namespace/name".
     pub key: String,
-    /// The pod's cgroup directory.
-    pub cgroup: PathBuf,
-    /// The cgroup's id (its inode), as the kernel programs key per-pod counters.
-    pub cgroup_id: u64,
+    /// The pod's cgroup directory, when the programs attach to it (eBPF capture).
+    pub cgroup: Option<PathBuf>,
+    /// The cgroup's id (its inode), as the kernel programs key per-pod counters (eBPF capture).
+    pub cgroup_id: Option<u64>,
     attachment: Option<PodAttachment>,
     inbound_ips: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -86,18 +89,31 @@ pub struct Enrollment {
 }
 
 impl Enrollment {
-    /// Enrolls `pod`: in-pod listeners, sk_lookup entries, then cgroup and netns programs.
+    /// Enrolls `pod`: in-pod listeners, then (with a `datapath`, that is eBPF capture) sk_lookup
+    /// entries and cgroup and netns programs.
     pub async fn enroll(
         pod: &Pod,
-        datapath: &Mutex<Datapath>,
+        datapath: Option<&Mutex<Datapath>>,
         shared: Arc<ProxyShared>,
     ) -> Result<Self, EnrollError> {
         let key = pod.key();
         let netns_path = pod.netns.clone().ok_or_else(|| EnrollError::MissingPath(key.clone(), "netns"))?;
-        let cgroup = pod.cgroup.clone().ok_or_else(|| EnrollError::MissingPath(key.clone(), "cgroup"))?;
+        let cgroup = match datapath {
+            Some(_) => {
+                Some(pod.cgroup.clone().ok_or_else(|| EnrollError::MissingPath(key.clone(), "cgroup"))?)
+            }
+            None => None,
+        };
+        let cgroup_id = match &cgroup {
+            Some(dir) => Some(std::os::unix::fs::MetadataExt::ino(
+                &std::fs::metadata(dir).map_err(|source| EnrollError::Cgroup { pod: key.clone(), source })?,
+            )),
+            None => None,
+        };
         let netns = PodNetns::open(&netns_path, format!("netns-{}", pod.name))
             .map_err(|source| EnrollError::Netns { pod: key.clone(), source })?;
         let ports = shared.ports;
+        let capture = shared.state().config.capture.mode;
         let (identity, tls) = match &shared.mtls {
             Some(mtls) => {
                 let id = mtls.identity_of(pod).map_err(|e| EnrollError::Identity(key.clone(), e))?;
@@ -121,10 +137,7 @@ impl Enrollment {
         let mut enrollment = Self {
             key: key.clone(),
             cgroup: cgroup.clone(),
-            cgroup_id: std::os::unix::fs::MetadataExt::ino(
-                &std::fs::metadata(&cgroup)
-                    .map_err(|source| EnrollError::Cgroup { pod: key.clone(), source })?,
-            ),
+            cgroup_id,
             attachment: None,
             inbound_ips: Vec::new(),
             tasks: Vec::new(),
@@ -146,8 +159,13 @@ impl Enrollment {
         let v6_loop = IpAddr::V6(Ipv6Addr::LOCALHOST);
         let out4 = listen(SocketAddr::new(v4_loop, ports.outbound)).await?;
         let out6 = listen(SocketAddr::new(v6_loop, ports.outbound)).await?;
-        let in4 = listen(SocketAddr::new(v4_loop, ports.inbound)).await?;
-        let in6 = listen(SocketAddr::new(v6_loop, ports.inbound)).await?;
+        // sk_lookup steers to a listener wherever it is bound; REDIRECT sends to the pod's address.
+        let (in4_ip, in6_ip) = match capture {
+            CaptureMode::Ebpf => (v4_loop, v6_loop),
+            CaptureMode::Iptables => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        };
+        let in4 = listen(SocketAddr::new(in4_ip, ports.inbound)).await?;
+        let in6 = listen(SocketAddr::new(in6_ip, ports.inbound)).await?;
         let mut tunnels = Vec::new();
         if tls.is_some() {
             for ip in &ips {
@@ -155,7 +173,7 @@ impl Enrollment {
             }
         }
 
-        {
+        if let (Some(datapath), Some(cgroup)) = (datapath, &cgroup) {
             let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
             let attached = (|| {
                 for ip in pod.ips() {
@@ -163,7 +181,7 @@ impl Enrollment {
                     dp.set_inbound_listener(ip, listener)?;
                     enrollment.inbound_ips.push(ip);
                 }
-                dp.attach_pod(&cgroup, &netns_path)
+                dp.attach_pod(cgroup, &netns_path)
             })();
             match attached {
                 Ok(attachment) => enrollment.attachment = Some(attachment),
@@ -209,8 +227,9 @@ impl Enrollment {
 
     /// Detaches the programs, removes the sk_lookup entries and closes the listeners. Connections
     /// already being relayed run to completion on their own tasks.
-    pub fn unenroll(mut self, datapath: &Mutex<Datapath>) {
+    pub fn unenroll(mut self, datapath: Option<&Mutex<Datapath>>) {
         self.attachment = None;
+        let Some(datapath) = datapath else { return };
         let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
         for ip in self.inbound_ips.drain(..) {
             dp.remove_inbound_listener(ip);

@@ -1,6 +1,6 @@
-//! The inbound plaintext path: a SYN from outside the pod, steered by sk_lookup to the in-pod
-//! inbound listener, is handed to the app over loopback with its destination port preserved (the
-//! accepted socket's local address is the original destination). STRICT pods refuse it.
+//! The inbound plaintext path: a SYN from outside the pod, steered by sk_lookup (or redirected by
+//! iptables) to the in-pod inbound listener, is handed to the app over loopback with its
+//! destination port preserved. STRICT pods refuse it.
 
 use std::{
     io,
@@ -55,10 +55,10 @@ pub(super) fn inbound_meta(
 pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     let shared = &pod.shared;
     let id = shared.next_id();
-    let orig = match down.local_addr() {
+    let orig = match shared.orig_dst.inbound(&down) {
         Ok(a) => a,
         Err(e) => {
-            tracing::debug!(pod = %pod.key, error = %e, "inbound connection vanished");
+            tracing::debug!(pod = %pod.key, %peer, error = %e, "inbound connection has no destination");
             return;
         }
     };

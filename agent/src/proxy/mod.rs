@@ -4,6 +4,7 @@ pub mod balance;
 pub mod conns;
 pub mod inbound;
 pub mod mtls;
+pub mod orig_dst;
 pub mod outbound;
 pub mod relay;
 pub mod routes;
@@ -22,7 +23,6 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
-    bpf::OrigDstTable,
     config::{MeshConfig, Mode},
     enroll::netns::PodNetns,
     events::EventSink,
@@ -31,6 +31,7 @@ use crate::{
 };
 use conns::ConnTable;
 use mtls::Mtls;
+use orig_dst::OrigDst;
 use routes::Routes;
 
 /// The proxy's own ports; connections aimed at them directly are refused, never forwarded.
@@ -70,8 +71,8 @@ impl MeshState {
 
 /// What every pod's proxy tasks share.
 pub struct ProxyShared {
-    /// Original destinations recorded by the kernel.
-    pub orig_dst: OrigDstTable,
+    /// How original destinations are recovered (eBPF map or `SO_ORIGINAL_DST`).
+    pub orig_dst: OrigDst,
     /// Event sink (access log).
     pub events: EventSink,
     /// The proxy's own ports.
@@ -91,7 +92,7 @@ pub struct ProxyShared {
 impl ProxyShared {
     /// Creates the shared state.
     pub fn new(
-        orig_dst: OrigDstTable,
+        orig_dst: OrigDst,
         sinks: Sinks,
         ports: ProxyPorts,
         mtls: Option<Mtls>,

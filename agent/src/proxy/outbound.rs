@@ -1,6 +1,6 @@
-//! The outbound path: a connection the pod's app made, redirected by connect4/6 to the in-pod
-//! outbound listener, goes to its original destination (or a service endpoint) from the pod's netns:
-//! through the destination's HBONE tunnel when it is a mesh pod, as plaintext otherwise.
+//! The outbound path: a connection the pod's app made, redirected by connect4/6 (or iptables) to
+//! the in-pod outbound listener, goes to its original destination (or a service endpoint) from the
+//! pod's netns: through the destination's HBONE tunnel when it is a mesh pod, as plaintext otherwise.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -17,15 +17,18 @@ use crate::{
 pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     let shared = &pod.shared;
     let id = shared.next_id();
-    let Some(orig) = shared.orig_dst.take(pod.netns.cookie(), peer) else {
-        // Nothing was redirected here: a direct connection to the proxy's port. Forwarding it
-        // anywhere would be a guess (and a possible loop), so it is closed.
-        shared.events.emit(json!({
-            "event": "conn_refused", "id": id, "direction": "outbound", "pod": pod.key,
-            "src": peer.to_string(), "reason": "no original destination recorded",
-        }));
-        tracing::debug!(pod = %pod.key, %peer, "refused outbound connection without original destination");
-        return;
+    let orig = match shared.orig_dst.outbound(pod.netns.cookie(), peer, &down) {
+        Ok(orig) => orig,
+        Err(e) => {
+            // Nothing was redirected here: a direct connection to the proxy's port. Forwarding it
+            // anywhere would be a guess (and a possible loop), so it is closed.
+            shared.events.emit(json!({
+                "event": "conn_refused", "id": id, "direction": "outbound", "pod": pod.key,
+                "src": peer.to_string(), "reason": e.to_string(),
+            }));
+            tracing::debug!(pod = %pod.key, %peer, error = %e, "refused outbound connection: no destination");
+            return;
+        }
     };
     let state = shared.state();
     let mut labels = ConnLabels::unknown(Reporter::Source);
