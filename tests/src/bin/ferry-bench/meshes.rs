@@ -7,9 +7,13 @@ use anyhow::{Context as _, Result, ensure};
 use std::net::SocketAddr;
 
 use ferry_tests::haproxy::{HaproxySidecar, SidecarMesh};
+use ferry_tests::iptables::SidecarCapture;
 use ferry_tests::scenario::{NAMESPACE, SERVER_PORT, SERVICE, events_of, pod_key};
 use ferry_tests::testapp::{self, ConnectOpts};
-use ferry_tests::{Agent, iptables};
+use ferry_tests::{Agent, Pod, iptables};
+
+/// Ferry's HBONE port, which a sidecar's inbound capture leaves alone.
+const TUNNEL_PORT: u16 = 15008;
 
 use crate::plan::SIZE;
 use crate::world::{CLIENT_SA, NODE_A, NODE_B, Topology, World};
@@ -26,6 +30,9 @@ pub enum MeshKind {
     FerryL4,
     /// Ferry with its CA: HBONE with mutual TLS between workloads (its default with a CA).
     FerryMtls,
+    /// Ferry's proxy engine as a classic sidecar in every pod behind iptables REDIRECT, HBONE with
+    /// mutual TLS between sidecars.
+    SidecarFerry,
     /// HAProxy as a classic sidecar in every pod behind iptables REDIRECT, with mutual TLS.
     SidecarHaproxy,
 }
@@ -58,6 +65,7 @@ pub const SCENARIOS: &[ScenarioDef] = &[
     ScenarioDef { name: "ferry-l4-local", topology: Topology::Local, mesh: MeshKind::FerryL4 },
     ScenarioDef { name: "ferry-local", topology: Topology::Local, mesh: MeshKind::FerryMtls },
     ScenarioDef { name: "ferry-mtls", topology: Topology::CrossNode, mesh: MeshKind::FerryMtls },
+    ScenarioDef { name: "sidecar-ferry", topology: Topology::CrossNode, mesh: MeshKind::SidecarFerry },
     ScenarioDef { name: "sidecar-haproxy-local", topology: Topology::Local, mesh: MeshKind::SidecarHaproxy },
     ScenarioDef { name: "sidecar-haproxy", topology: Topology::CrossNode, mesh: MeshKind::SidecarHaproxy },
 ];
@@ -85,6 +93,7 @@ pub fn install(world: &World, kind: MeshKind) -> Result<Mesh> {
             Ok(Mesh { agents: Vec::new(), haproxy: None, _ca: None })
         }
         MeshKind::FerryL4 | MeshKind::FerryMtls => node_agents(world, kind == MeshKind::FerryMtls),
+        MeshKind::SidecarFerry => ferry_sidecars(world),
         MeshKind::SidecarHaproxy => {
             let pods: Vec<(&ferry_tests::Pod, &str)> = std::iter::once((&world.client, CLIENT_SA))
                 .chain(world.servers.iter().map(|s| (s, SERVICE)))
@@ -112,6 +121,23 @@ fn node_agents(world: &World, mtls: bool) -> Result<Mesh> {
         agents.push(Agent::start(sim, &mesh.to_toml()).with_context(|| format!("agent on {node}"))?);
     }
     Ok(Mesh { agents, haproxy: None, _ca: ca })
+}
+
+/// One Ferry sidecar per pod, each its own "node" with its own intermediate CA.
+fn ferry_sidecars(world: &World) -> Result<Mesh> {
+    let pods: Vec<&Pod> = std::iter::once(&world.client).chain(&world.servers).collect();
+    let names: Vec<&str> = pods.iter().map(|p| p.name()).collect();
+    let ca = ferry_tests::ca::make_ca(TRUST_DOMAIN, &names)?;
+    let capture =
+        SidecarCapture { outbound_port: 15001, inbound_port: 15006, inbound_exclude: vec![TUNNEL_PORT] };
+    let mut agents = Vec::new();
+    for pod in pods {
+        let mut mesh = world.mesh_file(pod.name(), |p, _| p.name().to_owned());
+        mesh.capture_mode("iptables").ca(&ca.path().join("nodes").join(pod.name()), None);
+        iptables::install(pod, &capture)?;
+        agents.push(Agent::start_sidecar(pod, &mesh.to_toml())?);
+    }
+    Ok(Mesh { agents, haproxy: None, _ca: Some(ca) })
 }
 
 fn v4(addr: std::net::SocketAddr) -> Result<std::net::SocketAddrV4> {
