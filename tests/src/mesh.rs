@@ -13,6 +13,8 @@ pub struct MeshFile {
     capture: Capture,
     #[serde(skip_serializing_if = "Option::is_none")]
     ca: Option<Ca>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    datapath: Option<Datapath>,
     pods: Vec<PodEntry>,
     services: Vec<ServiceEntry>,
 }
@@ -32,6 +34,12 @@ struct Ca {
     dir: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     svid_ttl_seconds: Option<u64>,
+}
+
+/// The `[datapath]` table.
+#[derive(Debug, Clone, Serialize)]
+struct Datapath {
+    local_shortcut: bool,
 }
 
 /// One `[[pods]]` entry.
@@ -74,6 +82,7 @@ impl MeshFile {
             trust_domain: None,
             capture: Capture::default(),
             ca: None,
+            datapath: None,
             pods: Vec::new(),
             services: Vec::new(),
         }
@@ -136,6 +145,12 @@ impl MeshFile {
     /// Sets `[ca]`: the node CA directory (from `ferry ca issue-node`) and optionally the SVID TTL.
     pub fn ca(&mut self, dir: &std::path::Path, svid_ttl_seconds: Option<u64>) -> &mut Self {
         self.ca = Some(Ca { dir: dir.display().to_string(), svid_ttl_seconds });
+        self
+    }
+
+    /// Sets `datapath.local_shortcut`: pod to pod on one node without the HBONE tunnel.
+    pub fn local_shortcut(&mut self, on: bool) -> &mut Self {
+        self.datapath = Some(Datapath { local_shortcut: on });
         self
     }
 
@@ -228,5 +243,9 @@ mod tests {
         let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
         assert_eq!(value["capture"]["mode"].as_str(), Some("iptables"));
         assert_eq!(value["pods"].as_array().map(Vec::len), Some(0));
+        assert!(value.get("datapath").is_none(), "the agent's default applies");
+        mesh.local_shortcut(true);
+        let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
+        assert_eq!(value["datapath"]["local_shortcut"].as_bool(), Some(true));
     }
 }

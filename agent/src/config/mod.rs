@@ -10,6 +10,9 @@
 //! exclude_ports = [22]
 //! exclude_cidrs = ["169.254.0.0/16"]
 //!
+//! [datapath]
+//! local_shortcut = true   # pod to pod on this node without the HBONE tunnel (default false)
+//!
 //! [[pods]]
 //! name = "client"
 //! namespace = "demo"
@@ -53,6 +56,8 @@ pub struct MeshConfig {
     pub capture: CaptureSettings,
     /// The embedded CA; without it the node has no identities, so no mTLS and no inbound tunnel.
     pub ca: Option<CaSettings>,
+    /// How the proxy carries connections it handles at both ends.
+    pub datapath: DatapathSettings,
     /// Every pod of the mesh, local or not, in file order.
     pub pods: Vec<Pod>,
     /// Every service of the mesh, in file order.
@@ -95,6 +100,14 @@ pub struct CaSettings {
     pub dir: PathBuf,
     /// SVID lifetime; renewal happens at half of it.
     pub svid_ttl_seconds: u64,
+}
+
+/// `[datapath]`: optional shortcuts the proxy may take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatapathSettings {
+    /// Connections between two pods enrolled on this node skip the HBONE tunnel: the proxy, which
+    /// holds both identities, connects to the destination app from inside its netns.
+    pub local_shortcut: bool,
 }
 
 /// How the connections of local pods are sent to the proxy.

@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     pub trust_domain: Option<String>,
     pub capture: Option<RawCapture>,
     pub ca: Option<RawCa>,
+    pub datapath: Option<RawDatapath>,
     #[serde(default)]
     pub pods: Vec<RawPod>,
     #[serde(default)]
@@ -28,6 +29,13 @@ pub(super) struct RawConfig {
 pub(super) struct RawCa {
     pub dir: String,
     pub svid_ttl_seconds: Option<i64>,
+}
+
+/// `[datapath]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawDatapath {
+    pub local_shortcut: Option<bool>,
 }
 
 /// `[capture]`.

@@ -8,10 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use super::error::ConfigError;
-use super::schema::{RawCa, RawCapture, RawConfig, RawPod, RawService};
+use super::schema::{RawCa, RawCapture, RawConfig, RawDatapath, RawPod, RawService};
 use super::{
-    CaSettings, CaptureMode, CaptureSettings, DEFAULT_SVID_TTL_SECONDS, DEFAULT_TRUST_DOMAIN, Index,
-    MeshConfig, Mode, Pod, Service, ServicePort, names,
+    CaSettings, CaptureMode, CaptureSettings, DEFAULT_SVID_TTL_SECONDS, DEFAULT_TRUST_DOMAIN,
+    DatapathSettings, Index, MeshConfig, Mode, Pod, Service, ServicePort, names,
 };
 
 /// Validates `raw` and builds the lookup indexes.
@@ -21,6 +21,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
     names::trust_domain(&trust_domain).map_err(|m| ConfigError::invalid("trust_domain", m))?;
     let capture = raw.capture.map(capture).transpose()?.unwrap_or_default();
     let ca = raw.ca.map(ca).transpose()?;
+    let datapath = raw.datapath.map(datapath).unwrap_or_default();
 
     let mut index = Index::default();
     let mut pod_names = HashMap::new();
@@ -61,7 +62,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
         services.push(service);
     }
 
-    Ok(MeshConfig { node: raw.node, trust_domain, capture, ca, pods, services, index })
+    Ok(MeshConfig { node: raw.node, trust_domain, capture, ca, datapath, pods, services, index })
 }
 
 /// Shortest and longest SVID lifetimes accepted: renewal at half-life must have room to retry, and a
@@ -78,6 +79,11 @@ fn ca(raw: RawCa) -> Result<CaSettings, ConfigError> {
         return Err(ConfigError::invalid("ca.svid_ttl_seconds", msg));
     }
     Ok(CaSettings { dir: PathBuf::from(raw.dir), svid_ttl_seconds: ttl as u64 })
+}
+
+fn datapath(raw: RawDatapath) -> DatapathSettings {
+    // Without a CA there is no tunnel to skip, so the flag is harmless there and not an error.
+    DatapathSettings { local_shortcut: raw.local_shortcut.unwrap_or(false) }
 }
 
 fn capture(raw: RawCapture) -> Result<CaptureSettings, ConfigError> {
@@ -422,6 +428,14 @@ mod tests {
             ),
             ("node = \"a\"\n[capture]\nmode = 1\n".into(), "capture.mode: invalid type: integer `1`"),
             (
+                "node = \"a\"\n[datapath]\nlocal_shortcut = \"yes\"\n".into(),
+                "datapath.local_shortcut: invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                "node = \"a\"\n[datapath]\nlocal_shortcuts = true\n".into(),
+                "datapath: unknown field \"local_shortcuts\", expected \"local_shortcut\"",
+            ),
+            (
                 "node = \"a\"\n[capture]\nmode = \"iptables\"\nexclude_ports = [22]\n".into(),
                 "capture.exclude_ports: has no effect with mode = \"iptables\"",
             ),
@@ -553,8 +567,17 @@ mod tests {
         let config = MeshConfig::parse(text).expect("valid");
         assert_eq!(config.trust_domain, DEFAULT_TRUST_DOMAIN);
         assert_eq!(config.capture, CaptureSettings::default());
+        assert!(!config.datapath.local_shortcut, "the shortcut is opt-in");
         assert_eq!((config.pods[0].node.as_str(), config.pods[0].mode), ("node-a", Mode::Permissive));
         assert!(config.services.is_empty());
+    }
+
+    #[test]
+    fn local_shortcut_is_read() {
+        let config = MeshConfig::parse("node = \"a\"\n[datapath]\nlocal_shortcut = true\n").expect("valid");
+        assert!(config.datapath.local_shortcut);
+        let config = MeshConfig::parse("node = \"a\"\n[datapath]\n").expect("valid");
+        assert!(!config.datapath.local_shortcut);
     }
 
     #[test]

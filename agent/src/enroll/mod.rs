@@ -207,6 +207,7 @@ impl Enrollment {
                 enrollment.tasks.push(tokio::spawn(accept_loop(listener, context.clone(), handle)));
             }
         }
+        context.shared.register_pod(&context);
         Ok(enrollment)
     }
 
@@ -239,6 +240,7 @@ impl Enrollment {
 
 impl Drop for Enrollment {
     fn drop(&mut self) {
+        self.context.shared.unregister_pod(&self.context);
         // Aborting the accept loops drops the listeners, closing them in the pod's netns.
         for task in &self.tasks {
             task.abort();

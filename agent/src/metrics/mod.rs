@@ -79,6 +79,10 @@ pub enum SecurityPolicy {
     MutualTls,
     /// Plaintext.
     None,
+    /// Both pods on this node, joined by the agent over each pod's loopback without the tunnel
+    /// (`[datapath] local_shortcut`). Not Istio's: claiming mutual_tls would be false (no handshake
+    /// happened) and none would hide that both identities were known and nothing crossed a wire.
+    NodeLocal,
     /// Not known (yet).
     Unknown,
 }
@@ -158,6 +162,7 @@ impl ConnLabels {
             match self.connection_security_policy {
                 SecurityPolicy::MutualTls => "mutual_tls",
                 SecurityPolicy::None => "none",
+                SecurityPolicy::NodeLocal => "node_local",
                 SecurityPolicy::Unknown => UNKNOWN,
             },
             match self.request_protocol {

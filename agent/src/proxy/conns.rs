@@ -69,6 +69,7 @@ fn security_str(s: SecurityPolicy) -> &'static str {
     match s {
         SecurityPolicy::MutualTls => "mutual_tls",
         SecurityPolicy::None => "none",
+        SecurityPolicy::NodeLocal => "node_local",
         SecurityPolicy::Unknown => "unknown",
     }
 }

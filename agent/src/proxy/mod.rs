@@ -8,13 +8,15 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod relay;
 pub mod routes;
+pub mod shortcut;
 pub mod sockets;
 pub mod tunnel;
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, RwLock,
+        Arc, RwLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -86,6 +88,8 @@ pub struct ProxyShared {
     /// Connections being relayed.
     pub conns: ConnTable,
     state: RwLock<Arc<MeshState>>,
+    /// Enrolled pods by key, for the node-local shortcut. Weak: each context holds this struct.
+    local_pods: RwLock<HashMap<String, Weak<PodContext>>>,
     next_conn_id: AtomicU64,
 }
 
@@ -107,6 +111,7 @@ impl ProxyShared {
             ports,
             mtls,
             state: RwLock::new(Arc::new(state)),
+            local_pods: RwLock::default(),
             next_conn_id: AtomicU64::new(1),
         }
     }
@@ -119,6 +124,25 @@ impl ProxyShared {
     /// Replaces the mesh state; connections already routed keep what they picked.
     pub fn set_state(&self, state: MeshState) {
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+    }
+
+    /// Makes an enrolled pod reachable by the node-local shortcut.
+    pub(crate) fn register_pod(&self, pod: &Arc<PodContext>) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        pods.insert(pod.key.clone(), Arc::downgrade(pod));
+    }
+
+    /// Forgets `pod`, unless its key already names a newer enrollment.
+    pub(crate) fn unregister_pod(&self, pod: &Arc<PodContext>) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        if pods.get(&pod.key).is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(pod))) {
+            pods.remove(&pod.key);
+        }
+    }
+
+    /// The enrolled pod `key` ("namespace/name"), if it is enrolled on this node.
+    pub(crate) fn local_pod(&self, key: &str) -> Option<Arc<PodContext>> {
+        self.local_pods.read().unwrap_or_else(|p| p.into_inner()).get(key)?.upgrade()
     }
 
     pub(crate) fn next_id(&self) -> u64 {

@@ -1,13 +1,14 @@
 //! The outbound path: a connection the pod's app made, redirected by connect4/6 (or iptables) to
 //! the in-pod outbound listener, goes to its original destination (or a service endpoint) from the
-//! pod's netns: through the destination's HBONE tunnel when it is a mesh pod, as plaintext otherwise.
+//! pod's netns: through the destination's HBONE tunnel when it is a mesh pod (or, with the node-local
+//! shortcut, straight into a destination pod enrolled here), as plaintext otherwise.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use super::{PodContext, conns::ConnMeta, routes::Resolved, sockets::connect_from};
+use super::{PodContext, conns::ConnMeta, routes::Resolved, shortcut, sockets::connect_from};
 use crate::{
     admin::model::Direction,
     metrics::{ConnLabels, Reporter, SecurityPolicy},
@@ -71,6 +72,11 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         meta.labels.destination_workload = dst.name.clone();
         meta.labels.destination_workload_namespace = dst.namespace.clone();
     }
+    // Both ends enrolled here: the agent may join them itself, without the tunnel (opt-in).
+    let local_peer = match dst_pod {
+        Some(dst) if state.config.datapath.local_shortcut => shortcut::peer(&pod, dst),
+        _ => None,
+    };
     // A destination pod of the mesh is reached through its tunnel with mutual TLS; anything else
     // (outside the mesh, or a node without a CA) gets plaintext passthrough.
     let tunnel_peer = match (&shared.mtls, &pod.identity, dst_pod) {
@@ -80,7 +86,9 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         _ => None,
     };
     drop(state);
-    if let Some((mtls, src_id, dst_id)) = tunnel_peer {
+    if let Some(dst) = local_peer {
+        shortcut::relay_local(&pod, &dst, meta, down, target).await;
+    } else if let Some((mtls, src_id, dst_id)) = tunnel_peer {
         meta.security = SecurityPolicy::MutualTls;
         meta.labels.connection_security_policy = SecurityPolicy::MutualTls;
         let tunnel = SocketAddr::new(target.ip(), shared.ports.tunnel);

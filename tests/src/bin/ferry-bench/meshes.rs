@@ -30,6 +30,9 @@ pub enum MeshKind {
     FerryL4,
     /// Ferry with its CA: HBONE with mutual TLS between workloads (its default with a CA).
     FerryMtls,
+    /// Ferry with its CA and `[datapath] local_shortcut`: pods of one node joined by the agent
+    /// without the tunnel.
+    FerryFastpath,
     /// Ferry's proxy engine as a classic sidecar in every pod behind iptables REDIRECT, HBONE with
     /// mutual TLS between sidecars.
     SidecarFerry,
@@ -64,6 +67,7 @@ pub const SCENARIOS: &[ScenarioDef] = &[
     ScenarioDef { name: "direct", topology: Topology::CrossNode, mesh: MeshKind::Direct },
     ScenarioDef { name: "ferry-l4-local", topology: Topology::Local, mesh: MeshKind::FerryL4 },
     ScenarioDef { name: "ferry-local", topology: Topology::Local, mesh: MeshKind::FerryMtls },
+    ScenarioDef { name: "ferry-local-fastpath", topology: Topology::Local, mesh: MeshKind::FerryFastpath },
     ScenarioDef { name: "ferry-mtls", topology: Topology::CrossNode, mesh: MeshKind::FerryMtls },
     ScenarioDef { name: "sidecar-ferry", topology: Topology::CrossNode, mesh: MeshKind::SidecarFerry },
     ScenarioDef { name: "sidecar-haproxy-local", topology: Topology::Local, mesh: MeshKind::SidecarHaproxy },
@@ -92,7 +96,9 @@ pub fn install(world: &World, kind: MeshKind) -> Result<Mesh> {
             iptables::install_service_dnat(&world.client, v4(world.service())?, &world.endpoints())?;
             Ok(Mesh { agents: Vec::new(), haproxy: None, _ca: None })
         }
-        MeshKind::FerryL4 | MeshKind::FerryMtls => node_agents(world, kind == MeshKind::FerryMtls),
+        MeshKind::FerryL4 => node_agents(world, false, false),
+        MeshKind::FerryMtls => node_agents(world, true, false),
+        MeshKind::FerryFastpath => node_agents(world, true, true),
         MeshKind::SidecarFerry => ferry_sidecars(world),
         MeshKind::SidecarHaproxy => {
             let pods: Vec<(&ferry_tests::Pod, &str)> = std::iter::once((&world.client, CLIENT_SA))
@@ -105,8 +111,8 @@ pub fn install(world: &World, kind: MeshKind) -> Result<Mesh> {
     }
 }
 
-/// One Ferry agent per node, with a CA when `mtls`.
-fn node_agents(world: &World, mtls: bool) -> Result<Mesh> {
+/// One Ferry agent per node, with a CA when `mtls`, and the node-local shortcut when `shortcut`.
+fn node_agents(world: &World, mtls: bool, shortcut: bool) -> Result<Mesh> {
     let nodes: &[&str] = match world.topology {
         Topology::Local => &[NODE_A],
         Topology::CrossNode => &[NODE_A, NODE_B],
@@ -117,6 +123,9 @@ fn node_agents(world: &World, mtls: bool) -> Result<Mesh> {
         let mut mesh = world.mesh_file(node, |_, node| node.to_owned());
         if let Some(ca) = &ca {
             mesh.ca(&ca.path().join("nodes").join(node), None);
+        }
+        if shortcut {
+            mesh.local_shortcut(true);
         }
         agents.push(Agent::start(sim, &mesh.to_toml()).with_context(|| format!("agent on {node}"))?);
     }
@@ -166,7 +175,11 @@ pub fn check_path(world: &World, mesh: &Mesh, kind: MeshKind) -> Result<()> {
         "the servers saw unexpected peers for {kind:?}: {r:?}"
     );
     let Some(client_agent) = mesh.agents.first() else { return Ok(()) };
-    let security = if kind == MeshKind::FerryL4 { "none" } else { "mutual_tls" };
+    let security = match kind {
+        MeshKind::FerryL4 => "none",
+        MeshKind::FerryFastpath => "node_local",
+        _ => "mutual_tls",
+    };
     let client = pod_key(&world.client);
     let outbound = |agent: &Agent| {
         events_of(agent, "conn_close")

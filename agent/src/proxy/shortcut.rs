@@ -1,0 +1,85 @@
+//! The node-local shortcut (`[datapath] local_shortcut = true`): when both ends of a mesh connection
+//! are pods enrolled on this node, the agent handles both ends anyway, so the HBONE tunnel (TLS and
+//! HTTP/2 through the kernel and back into the same process) buys nothing. The agent already holds
+//! both identities (the source is the pod whose netns captured the connection), so it connects to
+//! the destination app from inside the destination pod's netns on loopback and relays. No byte
+//! leaves either pod's loopback in plaintext, so STRICT destinations accept it.
+
+use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
+
+use tokio::net::TcpStream;
+
+use super::{
+    PodContext,
+    conns::ConnMeta,
+    inbound::{connect_to_app, inbound_meta},
+    relay::relay,
+};
+use crate::{config::Pod, metrics::SecurityPolicy};
+
+/// The enrolled context of `dst` when the shortcut applies from `src`: the node has a CA, both
+/// pods have an identity, and `dst` is enrolled on this node.
+pub(super) fn peer(src: &PodContext, dst: &Pod) -> Option<Arc<PodContext>> {
+    let shared = &src.shared;
+    shared.mtls.as_ref()?;
+    src.identity.as_ref()?;
+    let dst = shared.local_pod(&dst.key())?;
+    dst.identity.is_some().then_some(dst)
+}
+
+/// Connects `down` (the source app's connection, recorded by `meta`) to the app of `dst` at
+/// `target`'s port on loopback, and relays. Records the connection on both sides: outbound for the
+/// source pod and inbound for the destination pod, both with security `node_local`.
+pub(super) async fn relay_local(
+    src: &PodContext,
+    dst: &PodContext,
+    mut meta: ConnMeta,
+    mut down: TcpStream,
+    target: SocketAddr,
+) {
+    let shared = &src.shared;
+    let security = SecurityPolicy::NodeLocal;
+    meta.security = security;
+    meta.labels.connection_security_policy = security;
+    let mut inbound = inbound_meta(dst, shared.next_id(), meta.src, target, security);
+    // The peer address is the source app's loopback socket, which names no pod: say which one it is.
+    inbound.src_pod = Some(src.key.clone());
+    inbound.labels.source_workload = src.name.clone();
+    inbound.labels.source_workload_namespace = src.namespace.clone();
+    for m in [&mut meta, &mut inbound] {
+        if let Some(id) = &src.identity {
+            m.source_identity = Some(id.to_string());
+            m.labels.source_principal = id.to_string();
+        }
+        if let Some(id) = &dst.identity {
+            m.destination_identity = Some(id.to_string());
+            m.labels.destination_principal = id.to_string();
+        }
+    }
+    if shared.ports.contains(target.port()) {
+        // Forwarding to the destination's own proxy port over loopback would loop: refuse.
+        for m in [&meta, &inbound] {
+            shared.reject_conn(m, "conn_refused", "destination is a proxy port");
+        }
+        return;
+    }
+    let mut app = match connect_to_app(dst, target).await {
+        Ok(app) => app,
+        Err(e) => {
+            for m in [&meta, &inbound] {
+                shared.reject_conn(m, "conn_failed", &e.to_string());
+            }
+            return;
+        }
+    };
+    let out = shared.open_conn(meta);
+    let inb = shared.open_conn(inbound);
+    let reason = relay(&mut down, &mut app, out.stats()).await;
+    // One relay carries both records; the inbound one gets the same byte counts at the end.
+    for (from, to) in [(&out.stats().sent, &inb.stats().sent), (&out.stats().received, &inb.stats().received)]
+    {
+        to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    inb.close(&reason);
+    out.close(&reason);
+}
