@@ -101,6 +101,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "programs": program_ids.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
     }));
     tracing::info!(pods, "ready");
+    // Start-up parsed the eBPF object and the kernel's BTF and issued SVIDs: megabytes that are
+    // free now but that the allocator would otherwise keep for the agent's whole life.
+    crate::memory::release_free_heap();
 
     let watcher = tokio::spawn(watch_mesh_file(opts.config.clone(), node.clone()));
     wait_for_shutdown().await?;

@@ -9,6 +9,7 @@ pub mod events;
 pub mod hbone;
 pub mod identity;
 pub mod introspect;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod reconcile;

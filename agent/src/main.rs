@@ -91,6 +91,7 @@ fn init_logging() -> anyhow::Result<ferry::admin::log_level::LogControl> {
 }
 
 fn run_daemon(opts: ferry::daemon::RunOptions) -> anyhow::Result<()> {
+    ferry::memory::limit_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(ferry::daemon::run(opts))
 }

@@ -9,9 +9,9 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Per-direction buffer. Large enough for bulk transfers to move in few syscalls, small enough that
-/// thousands of idle connections stay cheap.
-const BUF_SIZE: usize = 32 * 1024;
+/// Per-direction buffer: one TLS record's worth (and h2's default frame size), so a tunnel's reads
+/// and writes line up; small, because every live connection holds two.
+const BUF_SIZE: usize = 16 * 1024;
 
 /// Byte counters of one relayed connection, readable while it is live.
 #[derive(Debug, Default)]
