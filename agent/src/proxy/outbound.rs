@@ -73,14 +73,15 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         meta.labels.destination_workload_namespace = dst.namespace.clone();
     }
     // Both ends enrolled here: the agent may join them itself, without the tunnel (opt-in).
-    let local_peer = match dst_pod {
-        Some(dst) if state.config.datapath.local_shortcut => shortcut::peer(&pod, dst),
+    let local_peer = match &meta.endpoint_pod {
+        Some(dst_key) if state.config.datapath.local_shortcut => shortcut::peer(&pod, dst_key),
         _ => None,
     };
     // A destination pod of the mesh is reached through its tunnel with mutual TLS; anything else
-    // (outside the mesh, or a node without a CA) gets plaintext passthrough.
+    // (outside the mesh, or a node without a CA) gets plaintext passthrough. Not looked up when
+    // the shortcut already carries the connection.
     let tunnel_peer = match (&shared.mtls, &pod.identity, dst_pod) {
-        (Some(mtls), Some(src_id), Some(dst)) => {
+        (Some(mtls), Some(src_id), Some(dst)) if local_peer.is_none() => {
             mtls.identity_of(dst).ok().map(|dst_id| (mtls, src_id, dst_id))
         }
         _ => None,

@@ -15,15 +15,15 @@ use super::{
     inbound::{connect_to_app, inbound_meta},
     relay::relay,
 };
-use crate::{config::Pod, metrics::SecurityPolicy};
+use crate::metrics::SecurityPolicy;
 
-/// The enrolled context of `dst` when the shortcut applies from `src`: the node has a CA, both
-/// pods have an identity, and `dst` is enrolled on this node.
-pub(super) fn peer(src: &PodContext, dst: &Pod) -> Option<Arc<PodContext>> {
+/// The enrolled context of the pod `dst_key` ("namespace/name") when the shortcut applies from
+/// `src`: the node has a CA, both pods have an identity, and the pod is enrolled on this node.
+pub(super) fn peer(src: &PodContext, dst_key: &str) -> Option<Arc<PodContext>> {
     let shared = &src.shared;
     shared.mtls.as_ref()?;
     src.identity.as_ref()?;
-    let dst = shared.local_pod(&dst.key())?;
+    let dst = shared.local_pod(dst_key)?;
     dst.identity.is_some().then_some(dst)
 }
 
