@@ -7,7 +7,6 @@
 
 use std::io::Write as _;
 use std::net::SocketAddrV4;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
@@ -73,19 +72,16 @@ fn dnat_rules(vip: SocketAddrV4, endpoints: &[SocketAddrV4]) -> String {
     out + "COMMIT\n"
 }
 
-/// Feeds `input` to `program --noflush` (iptables-restore or ip6tables-restore) in `pod`'s netns.
+/// Loads `input` with `program --noflush FILE` (iptables-restore or ip6tables-restore) in `pod`'s
+/// netns, through the pod's own tracked, time-limited runner.
 fn restore(pod: &Pod, program: &str, input: &str) -> Result<()> {
+    let mut file = tempfile::NamedTempFile::new().context("cannot create a rules file")?;
+    file.write_all(input.as_bytes()).context("cannot write the rules file")?;
     let mut cmd = pod.netns_command(program);
-    cmd.arg("--noflush").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().with_context(|| format!("cannot run {program} (is iptables installed?)"))?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(input.as_bytes())
-        .with_context(|| format!("writing rules to {program}"))?;
-    let out = wait_with_timeout(child, Duration::from_secs(20))
-        .with_context(|| format!("{program} in pod {}", pod.name()))?;
+    cmd.arg("--noflush").arg(file.path());
+    let out = pod
+        .output(cmd, Duration::from_secs(20))
+        .with_context(|| format!("cannot run {program} in pod {} (is iptables installed?)", pod.name()))?;
     ensure!(
         out.status.success(),
         "{program} in pod {} failed: {}\nrules:\n{input}",
@@ -93,29 +89,6 @@ fn restore(pod: &Pod, program: &str, input: &str) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
-}
-
-/// The nat table of `pod`'s netns as `iptables -S` prints it (IPv4).
-pub fn nat_rules(pod: &Pod) -> Result<String> {
-    let mut cmd = pod.netns_command("iptables");
-    cmd.args(["-t", "nat", "-S"]).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let out = wait_with_timeout(cmd.spawn().context("cannot run iptables")?, Duration::from_secs(20))?;
-    ensure!(out.status.success(), "iptables -S failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Waits for a short-lived tool we started, killing it (by its pid) after `timeout`.
-fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> Result<std::process::Output> {
-    let deadline = std::time::Instant::now() + timeout;
-    while child.try_wait()?.is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("timed out after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(child.wait_with_output()?)
 }
 
 #[cfg(test)]
