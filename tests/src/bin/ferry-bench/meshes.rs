@@ -1,14 +1,12 @@
 //! The scenarios: which mesh runs on top of a [`World`], how it is installed, and how the bench
 //! proves the traffic really takes that path before measuring it.
 
-use std::time::Duration;
-
 use anyhow::{Context as _, Result, ensure};
 use std::net::SocketAddr;
 
 use ferry_tests::haproxy::{HaproxySidecar, SidecarMesh};
 use ferry_tests::iptables::SidecarCapture;
-use ferry_tests::scenario::{NAMESPACE, SERVER_PORT, SERVICE, events_of, pod_key};
+use ferry_tests::scenario::{NAMESPACE, SERVER_PORT, SERVICE, pod_key, wait_events};
 use ferry_tests::testapp::{self, ConnectOpts};
 use ferry_tests::{Agent, Pod, iptables};
 
@@ -181,21 +179,18 @@ pub fn check_path(world: &World, mesh: &Mesh, kind: MeshKind) -> Result<()> {
         _ => "mutual_tls",
     };
     let client = pod_key(&world.client);
-    let outbound = |agent: &Agent| {
-        events_of(agent, "conn_close")
-            .into_iter()
-            .filter(|e| e["direction"] == "outbound" && e["pod"] == client.as_str())
-            .filter(|e| e["service"] == format!("{NAMESPACE}/echo").as_str() && e["security"] == security)
-            .count()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while outbound(client_agent) < CONNS {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the client's agent recorded {} of {CONNS} outbound service connections with security {security}",
-            outbound(client_agent)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let service = format!("{NAMESPACE}/{SERVICE}");
+    let recorded = wait_events(client_agent, CONNS, |e| {
+        e["event"] == "conn_close"
+            && e["direction"] == "outbound"
+            && e["pod"] == client.as_str()
+            && e["service"] == service.as_str()
+            && e["security"] == security
+    });
+    ensure!(
+        recorded.len() >= CONNS,
+        "the client's agent recorded {} of {CONNS} outbound service connections with security {security}",
+        recorded.len()
+    );
     Ok(())
 }
