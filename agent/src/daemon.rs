@@ -40,7 +40,8 @@ pub struct RunOptions {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // An invalid file stops us here, before anything touches the kernel.
-    let config = MeshConfig::load(&opts.config).context("invalid mesh file")?;
+    let source = MeshConfig::read_file(&opts.config).context("invalid mesh file")?;
+    let config = MeshConfig::parse_file(&opts.config, &source).context("invalid mesh file")?;
     let events = EventSink::open(opts.events.as_deref())
         .with_context(|| format!("opening events file {:?}", opts.events))?;
     let access_log = EventSink::open(opts.access_log.as_deref())
@@ -105,7 +106,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // free now but that the allocator would otherwise keep for the agent's whole life.
     crate::memory::release_free_heap();
 
-    let watcher = tokio::spawn(watch_mesh_file(opts.config.clone(), node.clone()));
+    let watcher = tokio::spawn(watch_mesh_file(opts.config.clone(), source, node.clone()));
     wait_for_shutdown().await?;
     tracing::info!("shutting down");
     watcher.abort();
@@ -127,17 +128,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 const RELOAD_POLL: Duration = Duration::from_millis(500);
 
 /// Applies valid changes of the mesh file; an invalid file is rejected and the running config kept.
-async fn watch_mesh_file(path: PathBuf, node: Arc<NodeState>) {
-    let mut last = std::fs::read(&path).ok();
+/// `applied` is the text start-up parsed: comparing against it (not against a first read here)
+/// catches a file replaced between start-up and this task's first poll.
+async fn watch_mesh_file(path: PathBuf, applied: String, node: Arc<NodeState>) {
+    let mut last = applied.into_bytes();
     loop {
         tokio::time::sleep(RELOAD_POLL).await;
-        let Ok(text) = std::fs::read(&path) else { continue };
-        if last.as_ref() == Some(&text) {
+        // A file briefly missing (mid-replace) is retried on the next poll.
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        if last == bytes {
             continue;
         }
-        last = Some(text);
         let events = &node.shared.events;
-        let config = match MeshConfig::load(&path) {
+        // Parse the very bytes compared above, so a second change in between is not skipped.
+        let parsed = match std::str::from_utf8(&bytes) {
+            Ok(text) => MeshConfig::parse_file(&path, text).map_err(anyhow::Error::new),
+            Err(e) => Err(anyhow::anyhow!("mesh file {} is not UTF-8: {e}", path.display())),
+        };
+        last = bytes;
+        let config = match parsed {
             Ok(c) => c,
             Err(e) => {
                 let error = format!("{e:#}");

@@ -241,12 +241,21 @@ impl MeshConfig {
 
     /// Reads, parses and validates the mesh file at `path`; errors name the file.
     pub fn load(path: &Path) -> Result<MeshConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        Self::parse_file(path, &Self::read_file(path)?)
+    }
+
+    /// Reads the mesh file's text, so a watcher can compare against exactly what was applied.
+    pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             path: path.to_owned(),
             kind: e.kind(),
             message: e.to_string(),
-        })?;
-        Self::parse(&text).map_err(|e| ConfigError::File { path: path.to_owned(), cause: Box::new(e) })
+        })
+    }
+
+    /// Parses and validates `text`, read from `path`; errors name the file.
+    pub fn parse_file(path: &Path, text: &str) -> Result<MeshConfig, ConfigError> {
+        Self::parse(text).map_err(|e| ConfigError::File { path: path.to_owned(), cause: Box::new(e) })
     }
 
     /// The pods on this node, which the agent enrolls.
