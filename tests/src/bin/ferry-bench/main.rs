@@ -48,6 +48,9 @@ struct Cli {
     /// Directory for report.json, report.md and latency.svg.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Rounds over all scenarios (default: 3 for a full run, 1 otherwise); figures are medians.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -61,46 +64,31 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let plan = if cli.smoke {
+    let mut plan = if cli.smoke {
         Plan::smoke()
     } else if cli.quick {
         Plan::quick()
     } else {
         Plan::full()
     };
+    if let Some(rounds) = cli.rounds {
+        plan.rounds = rounds;
+    }
     let chosen = select(&cli.only)?;
     std::fs::create_dir_all(&cli.out).with_context(|| format!("cannot create {}", cli.out.display()))?;
-    let mut measured: Vec<(ScenarioDef, Measured)> = Vec::new();
-    for def in chosen {
-        eprintln!("ferry-bench: {}: setting up", def.name);
-        let m = run_scenario(&def, &plan).with_context(|| format!("scenario {}", def.name))?;
-        eprintln!(
-            "ferry-bench: {}: open loop p50 {:.1} us p99 {:.1} us; rr p50 {:.1} us; cpu {:.3} s/1k; rss {:.1} MB",
-            def.name,
-            m.load_at(plan::HEADLINE_CONNS).map(|l| l.p50_us).unwrap_or(0.0),
-            m.load_at(plan::HEADLINE_CONNS).map(|l| l.p99_us).unwrap_or(0.0),
-            m.rr.p50_us,
-            m.cpu_s_per_1k(),
-            m.rss_mb
-        );
-        measured.push((def, m));
+    let mut rounds = Vec::new();
+    for round in 1..=plan.rounds {
+        rounds.push(run_round(&chosen, &plan, round)?);
     }
-    let rows: Vec<_> = measured
-        .iter()
-        .map(|(def, m)| {
-            let base = measured.iter().find(|(d, _)| d.name == def.baseline()).map(|(_, b)| b);
-            let base = if def.name == def.baseline() { None } else { base };
-            report::row(def.name, def.baseline(), m, base)
-        })
-        .collect();
-    let (ratios, targets) = report::compare(&rows);
+    let (ratios, targets) = report::compare_rounds(&rounds);
     let report = Report {
         commit: machine::commit(),
         machine: machine::Machine::now(),
         plan,
-        scenarios: rows,
+        scenarios: report::median_rows(&rounds),
         ratios,
         targets,
+        rounds,
     };
     write(&cli.out, &report)
 }
@@ -121,6 +109,34 @@ fn select(only: &[String]) -> Result<Vec<ScenarioDef>> {
                 || only.iter().any(|o| SCENARIOS.iter().any(|t| t.name == o && t.baseline() == s.name))
         })
         .copied()
+        .collect())
+}
+
+/// Runs every chosen scenario once, in order, and returns their rows, each against its baseline
+/// from the same round.
+fn run_round(chosen: &[ScenarioDef], plan: &Plan, round: u32) -> Result<Vec<report::Row>> {
+    let mut measured: Vec<(ScenarioDef, Measured)> = Vec::new();
+    for def in chosen {
+        eprintln!("ferry-bench: round {round}/{}: {}: setting up", plan.rounds, def.name);
+        let m = run_scenario(def, plan).with_context(|| format!("round {round}: scenario {}", def.name))?;
+        eprintln!(
+            "ferry-bench: {}: open loop p50 {:.1} us p99 {:.1} us; rr p50 {:.1} us; cpu {:.3} s/1k; rss {:.1} MB",
+            def.name,
+            m.load_at(plan::HEADLINE_CONNS).map(|l| l.p50_us).unwrap_or(0.0),
+            m.load_at(plan::HEADLINE_CONNS).map(|l| l.p99_us).unwrap_or(0.0),
+            m.rr.p50_us,
+            m.cpu_s_per_1k(),
+            m.rss_mb
+        );
+        measured.push((*def, m));
+    }
+    Ok(measured
+        .iter()
+        .map(|(def, m)| {
+            let base = measured.iter().find(|(d, _)| d.name == def.baseline()).map(|(_, b)| b);
+            let base = if def.name == def.baseline() { None } else { base };
+            report::row(def.name, def.baseline(), m, base)
+        })
         .collect())
 }
 
