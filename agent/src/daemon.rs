@@ -7,7 +7,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use serde_json::json;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     admin::{AdminServer, log_level::LogControl},
@@ -97,6 +97,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let admin_task = tokio::spawn(admin.serve(introspect, stopped(stop_rx.clone())));
     let metrics_task = tokio::spawn(metrics_server.serve(metrics.clone(), stopped(stop_rx)));
     let pods = node.enroll_all().await.context("starting up")?;
+    // Before "ready": from then on a SIGTERM means a clean shutdown, never the default (fatal) action.
+    let shutdown = ShutdownSignals::install()?;
     shared.events.emit(json!({
         "event": "ready", "pods": pods, "capture": capture_mode.to_string(),
         "programs": program_ids.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
@@ -107,7 +109,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     crate::memory::release_free_heap();
 
     let watcher = tokio::spawn(watch_mesh_file(opts.config.clone(), source, node.clone()));
-    wait_for_shutdown().await?;
+    shutdown.wait().await;
     tracing::info!("shutting down");
     watcher.abort();
     // The watcher holds a reference; wait until it is gone so dropping `node` unloads for real.
@@ -169,12 +171,26 @@ async fn watch_mesh_file(path: PathBuf, applied: String, node: Arc<NodeState>) {
     }
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment they are installed (a signal that arrives before
+/// [`ShutdownSignals::wait`] is kept, not lost).
+struct ShutdownSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl ShutdownSignals {
+    /// Replaces the signals' default action, which would end the process without cleaning up.
+    fn install() -> anyhow::Result<Self> {
+        let term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        Ok(Self { term, int })
     }
-    Ok(())
+
+    /// Returns once either signal arrived (or had arrived since [`ShutdownSignals::install`]).
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

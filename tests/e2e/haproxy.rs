@@ -64,8 +64,12 @@ fn haproxy_sidecars_carry_service_traffic_with_mutual_tls() {
     assert_eq!(strings(&plain["local_addrs"]).len(), 1, "the connection was established: {plain}");
 
     // On server-1's wire, every byte of every port-8080 stream from the client's sidecar is a TLS
-    // record, and application data of at least the echoed payloads went both ways.
-    let streams = capture.stop();
+    // record, and application data of at least the echoed payloads went both ways. The outsider's
+    // bytes were the last on that wire: once tcpdump wrote them, it wrote everything before too.
+    let outsider_ip = IpAddr::from(outsider.ipv4());
+    let streams = capture.stop_when(|streams| {
+        streams.iter().any(|((src, _), bytes)| src.ip() == outsider_ip && bytes.len() >= 100)
+    });
     let client_ip = IpAddr::from(client.ipv4());
     let mut app_data = (0, 0);
     let mut conns = 0;
@@ -86,7 +90,6 @@ fn haproxy_sidecars_carry_service_traffic_with_mutual_tls() {
     assert_eq!(conns, to_server_1, "one TLS stream per connection to server-1: {:?}", streams.keys());
     assert!(app_data.0 >= payload && app_data.1 >= payload, "{app_data:?} vs {payload} payload bytes");
     // The outsider's plaintext was on the wire too, and is not TLS: the check above can fail.
-    let outsider_ip = IpAddr::from(outsider.ipv4());
     let plain_stream =
         streams.iter().find(|((src, _), _)| src.ip() == outsider_ip).expect("the outsider's stream");
     assert!(tls_records(plain_stream.1).is_err(), "random plaintext parsed as TLS");
@@ -123,17 +126,32 @@ impl Capture {
         Self { guard, file }
     }
 
-    /// Stops tcpdump and returns each direction's TCP payload, in capture order.
-    fn stop(mut self) -> BTreeMap<(SocketAddr, SocketAddr), Vec<u8>> {
+    /// Waits (at most 20 s) until what tcpdump wrote so far satisfies `seen`, then stops it and
+    /// returns each direction's TCP payload, in capture order. tcpdump writes packet by packet but
+    /// drops what it has not read from the kernel yet when it is stopped, and on a loaded machine
+    /// it lags behind the traffic.
+    fn stop_when(mut self, seen: impl Fn(&Streams) -> bool) -> Streams {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let so_far = std::fs::read(self.file.path()).unwrap();
+            // The header is written with the first packet.
+            if so_far.len() >= 24 && seen(&tcp_streams(&so_far, self.file.path())) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.guard.signal(libc::SIGINT).unwrap();
         self.guard.wait_timeout(Duration::from_secs(10)).unwrap();
         tcp_streams(&std::fs::read(self.file.path()).unwrap(), self.file.path())
     }
 }
 
+/// Each direction's TCP payload, keyed by (source, destination).
+type Streams = BTreeMap<(SocketAddr, SocketAddr), Vec<u8>>;
+
 /// Splits a pcap (Ethernet, IPv4 or IPv6, TCP) into per-direction payloads, dropping
-/// retransmissions by sequence number.
-fn tcp_streams(pcap: &[u8], path: &Path) -> BTreeMap<(SocketAddr, SocketAddr), Vec<u8>> {
+/// retransmissions by sequence number. A last record still being written is left out.
+fn tcp_streams(pcap: &[u8], path: &Path) -> Streams {
     let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
     assert!(matches!(u32_at(pcap, 0), 0xa1b2_c3d4 | 0xa1b2_3c4d), "{} is not a pcap", path.display());
     assert_eq!(u32_at(pcap, 20), 1, "link type is Ethernet");
@@ -141,7 +159,7 @@ fn tcp_streams(pcap: &[u8], path: &Path) -> BTreeMap<(SocketAddr, SocketAddr), V
     let mut at = 24;
     while at + 16 <= pcap.len() {
         let len = u32_at(pcap, at + 8) as usize;
-        let frame = &pcap[at + 16..at + 16 + len];
+        let Some(frame) = pcap.get(at + 16..at + 16 + len) else { break };
         at += 16 + len;
         let (src_ip, dst_ip, tcp): (IpAddr, IpAddr, &[u8]) = match u16::from_be_bytes([frame[12], frame[13]])
         {

@@ -189,7 +189,7 @@ fn dropping_a_node_removes_everything_and_kills_its_processes() -> Result<()> {
     drop(node);
     assert_gone(&made);
     // The pod's process was killed by the teardown (its guard still owns the pid).
-    let status = sleeper.wait_timeout(Duration::from_secs(5))?;
+    let status = sleeper.wait_timeout(SHORT)?;
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     Ok(())
 }
@@ -349,7 +349,7 @@ fn agent_runs_in_the_node_netns_and_reports_events() -> Result<()> {
     let ready = &agent.events()[0];
     assert_eq!(ready["netns"], netns_id(node.netns_path()));
     assert_eq!(ready["cgroup"], cgroup::of_process("self")?, "the agent must not be in a pod cgroup");
-    let close = agent.wait_for_event(|e| e["event"] == "conn_close", Duration::from_secs(5))?;
+    let close = agent.wait_for_event(|e| e["event"] == "conn_close", SHORT)?;
     assert_eq!(close["bytes_sent"], 123);
     let missing = agent.wait_for_event(|e| e["event"] == "never", Duration::from_millis(100));
     assert!(missing.unwrap_err().to_string().contains("no matching event"));

@@ -391,13 +391,11 @@ fn cli_connections_shows_live_connection() {
     assert_eq!(idle.code, Some(0), "{idle:?}");
     assert!(idle.stdout.is_empty() && idle.stderr.contains("No connections found."), "{idle:?}");
 
-    let client = s.client.clone();
-    let held = std::thread::spawn(move || {
-        let opts = ConnectOpts { bytes: 777, hold_ms: 3000, ..ConnectOpts::default() };
-        testapp::connect(&client, vip, &opts)
-    });
+    // The client holds its connection open until the listing has been checked.
+    let held = testapp::connect_held(&s.client, vip, &ConnectOpts { bytes: 777, ..ConnectOpts::default() })
+        .expect("testapp connect started");
     // While the client holds its connection: the outbound record and the server's inbound one.
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + EVENT_WAIT;
     let (outbound, inbound) = loop {
         let list = ferry(&sock, &["-o", "json", "connections"]).json();
         let find = |dir: &str| list.as_array().unwrap().iter().find(|c| c["direction"] == dir).cloned();
@@ -440,10 +438,10 @@ fn cli_connections_shows_live_connection() {
     assert!(row.contains(&format!(" {endpoint} ")), "the endpoint is shown: {row}");
     eprintln!("ferry connections (table):\n{}", table.stdout);
 
-    let report = held.join().unwrap().unwrap();
+    let report = held.release().unwrap();
     assert_eq!(report.ok, 1, "{report:?}");
     // Closed connections leave the table.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + EVENT_WAIT;
     loop {
         let list = ferry(&sock, &["-o", "json", "connections"]).json();
         if list.as_array().is_some_and(Vec::is_empty) {

@@ -3,9 +3,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
+use ferry_tests::testapp::{self, ConnectOpts};
 use ferry_tests::{MeshFile, Pod};
 
 /// The scenario's mesh, with `enrolled` server pods and optionally the outsider.
@@ -27,30 +26,41 @@ fn mesh(s: &Scenario, servers: &[&Pod], outsider: bool) -> String {
 fn hot_reload_enrolls_and_unenrolls_without_disturbing_others() {
     let s = Scenario::start("reload").unwrap();
     let (one, two) = (&s.servers[0], &s.servers[1]);
-    // A long-lived connection of an unaffected pod, open across the reload.
+    // A long-lived connection of an unaffected pod, open across the reload: held open until the
+    // reload has applied, and proxied (its record opened) before the mesh file changes.
     let addr = sock(one.ipv4().into(), SERVER_PORT);
-    let long = std::thread::scope(|scope| {
-        let long = scope.spawn(|| connect(&s.client, &addr, &["--bytes", "1000", "--hold-ms", "3000"]));
-        std::thread::sleep(Duration::from_millis(500));
-        s.agent.write_mesh(&mesh(&s, &[one], true)).unwrap();
-        let reloaded = s.agent.wait_for_event(|e| e["event"] == "reloaded", Duration::from_secs(10)).unwrap();
-        assert_eq!(reloaded["report"]["enrolled"], serde_json::json!(["demo/outsider"]), "{reloaded}");
-        assert_eq!(reloaded["report"]["unenrolled"], serde_json::json!(["demo/server-2"]), "{reloaded}");
-        assert_eq!(reloaded["report"]["reenrolled"], serde_json::json!([]), "client and server-1 untouched");
-        long.join().unwrap().unwrap()
+    let long =
+        testapp::connect_held(&s.client, &addr, &ConnectOpts { bytes: 1000, ..Default::default() }).unwrap();
+    let opened = wait_events(&s.agent, 1, |e| {
+        e["event"] == "conn_open" && e["direction"] == "outbound" && e["orig_dst"] == addr.as_str()
     });
-    assert_eq!(long["ok"], 1, "the connection open across the reload survived: {long}");
+    assert_eq!(opened.len(), 1, "the long connection is proxied: {:?}", s.agent.events());
+    s.agent.write_mesh(&mesh(&s, &[one], true)).unwrap();
+    let reloaded = s.agent.wait_for_event(|e| e["event"] == "reloaded", EVENT_WAIT).unwrap();
+    assert_eq!(reloaded["report"]["enrolled"], serde_json::json!(["demo/outsider"]), "{reloaded}");
+    assert_eq!(reloaded["report"]["unenrolled"], serde_json::json!(["demo/server-2"]), "{reloaded}");
+    assert_eq!(reloaded["report"]["reenrolled"], serde_json::json!([]), "client and server-1 untouched");
+    let long = long.release().unwrap();
+    assert_eq!((long.ok, long.failed), (1, 0), "the connection open across the reload survived: {long:?}");
 
     // The newly enrolled pod is captured now.
     let r = connect(&s.outsider, &addr, &["--bytes", "10"]).unwrap();
     assert_eq!(r["ok"], 1, "{r}");
     assert!(r["local_addrs"][0].as_str().unwrap().starts_with("127.0.0.1:"), "outsider is redirected: {r}");
-    // The unenrolled pod is no longer steered: the client's connection reaches it without an
-    // inbound record there, and the service now only has server-1.
+    // The unenrolled pod is no longer steered: the client's connection reaches its app straight
+    // from the client pod's address (an inbound proxy would hand it over from loopback), without
+    // an inbound record there, and the service now only has server-1.
     let before = events_of(&s.agent, "conn_close").iter().filter(|e| e["pod"] == "demo/server-2").count();
-    let r = connect(&s.client, &sock(two.ipv4().into(), SERVER_PORT), &["--bytes", "10"]).unwrap();
+    let to_two = sock(two.ipv4().into(), SERVER_PORT);
+    let r = connect(&s.client, &to_two, &["--bytes", "10"]).unwrap();
     assert_eq!(r["ok"], 1, "{r}");
-    std::thread::sleep(Duration::from_millis(300));
+    let peer = r["peers_seen_by_server"][0].as_str().unwrap_or_default();
+    assert!(peer.starts_with(&format!("{}:", s.client.ipv4())), "server-2's app saw {peer}: {r}");
+    // The client's own record of that connection is written when the proxy is done with it.
+    let out = wait_events(&s.agent, 1, |e| {
+        e["event"] == "conn_close" && e["direction"] == "outbound" && e["orig_dst"] == to_two.as_str()
+    });
+    assert_eq!(out.len(), 1, "{:?}", s.agent.events());
     let after = events_of(&s.agent, "conn_close").iter().filter(|e| e["pod"] == "demo/server-2").count();
     assert_eq!(before, after, "server-2 is not steered any more");
     let vip =
@@ -63,26 +73,18 @@ fn hot_reload_enrolls_and_unenrolls_without_disturbing_others() {
 fn invalid_reload_keeps_running_config() {
     let s = Scenario::start("badreload").unwrap();
     s.agent.write_mesh("node = \"node-a\"\n[[pods]]\nname = \"x\"\nips = [\"nope\"]\n").unwrap();
-    let rejected =
-        s.agent.wait_for_event(|e| e["event"] == "reload_rejected", Duration::from_secs(10)).unwrap();
+    let rejected = s.agent.wait_for_event(|e| e["event"] == "reload_rejected", EVENT_WAIT).unwrap();
     assert!(rejected["error"].as_str().unwrap().contains("pods[0]"), "names what is wrong: {rejected}");
     // A valid file that changes a start-up setting is refused too, with the reason.
     let mut changed = MeshFile::new("node-a");
     changed.exclude_port(2222);
     changed.pod(&s.client, "demo", "client");
     s.agent.write_mesh(&changed.to_toml()).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let restart = loop {
-        let found = events_of(&s.agent, "reload_rejected")
-            .into_iter()
-            .find(|e| e["error"].as_str().unwrap().contains("restart"));
-        if let Some(e) = found {
-            break e;
-        }
-        assert!(std::time::Instant::now() < deadline, "{:?}", s.agent.events());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(restart["error"].as_str().unwrap().contains("capture"), "{restart}");
+    let restart = wait_events(&s.agent, 1, |e| {
+        e["event"] == "reload_rejected" && e["error"].as_str().unwrap_or_default().contains("restart")
+    });
+    assert_eq!(restart.len(), 1, "{:?}", s.agent.events());
+    assert!(restart[0]["error"].as_str().unwrap().contains("capture"), "{}", restart[0]);
     // Everything still runs on the old config: all pods enrolled, the service balanced.
     assert!(events_of(&s.agent, "reloaded").is_empty());
     let r = connect(

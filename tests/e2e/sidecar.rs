@@ -110,7 +110,11 @@ fn ferry_sidecars_carry_service_traffic_with_mtls() {
         assert_eq!(e["dst_identity"], ECHO_ID, "the client's sidecar verified the server's identity: {e}");
         assert!(e["src"].as_str().unwrap().starts_with(&format!("{}:", t.pods.client.ipv4())), "{e}");
     }
-    // Each server's sidecar learned the client's identity from its certificate.
+    // Each server's sidecar learned the client's identity from its certificate. A server side
+    // writes its record when it is done, which can be after the client's side wrote its own.
+    let servers: Vec<&Agent> = t.server_sidecars.iter().collect();
+    let arrived = wait_events_in(&servers, 20, |e| e["event"] == "conn_close" && e["direction"] == "inbound");
+    assert_eq!(arrived.len(), 20, "{arrived:?}");
     let mut inbound = 0;
     for (s, sidecar) in t.pods.servers.iter().zip(&t.server_sidecars) {
         let events = sidecar.events();

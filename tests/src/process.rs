@@ -278,7 +278,9 @@ pub(crate) fn output_with_timeout(
             bail!("{program} timed out after {timeout:?}\nstdout: {out}\nstderr: {}", guard.stderr());
         }
     };
-    let patience = Duration::from_secs(1);
+    // Normally EOF is already there; the patience is for a drain thread starved on a loaded
+    // machine (or a grandchild holding the pipe), and cutting the output short loses the report.
+    let patience = Duration::from_secs(10);
     let stderr = guard.stderr.take().map(|d| d.finish(patience)).unwrap_or_default();
     Ok(Output { status, stdout: stdout.finish(patience), stderr })
 }

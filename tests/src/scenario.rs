@@ -139,9 +139,15 @@ pub fn events_of(agent: &Agent, kind: &str) -> Vec<Value> {
 /// Waits up to [`EVENT_WAIT`] until at least `n` events match `pred`, and returns the matching
 /// events (fewer than `n` when time ran out: the caller's assertion then shows what was there).
 pub fn wait_events(agent: &Agent, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    wait_events_in(&[agent], n, pred)
+}
+
+/// [`wait_events`] over several agents (one sidecar per pod, say): waits until their events
+/// together hold at least `n` matches, and returns those, agent by agent.
+pub fn wait_events_in(agents: &[&Agent], n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + EVENT_WAIT;
     loop {
-        let found: Vec<Value> = agent.events().into_iter().filter(|e| pred(e)).collect();
+        let found: Vec<Value> = agents.iter().flat_map(|a| a.events()).filter(|e| pred(e)).collect();
         if found.len() >= n || Instant::now() > deadline {
             return found;
         }

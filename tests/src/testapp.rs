@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::SocketAddr;
-use std::process::{Command, Output, Stdio};
+use std::process::{ChildStdin, Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -303,13 +303,76 @@ impl Default for ConnectOpts {
 /// Runs `ferry-testapp connect` from `pod` to `addr` and returns its report (failed connections
 /// are in the report, not an error; an error means the client itself could not run or report).
 pub fn connect(pod: &Pod, addr: impl Display, opts: &ConnectOpts) -> Result<ConnectReport> {
+    let cmd = connect_command(pod, addr, opts, opts.timeout_ms);
+    run_json(pod, cmd, report_wait(opts))
+}
+
+/// How long a held connection ([`connect_held`]) may wait for its release before its own
+/// per-connection timeout fails it.
+pub const HELD_LIMIT: Duration = Duration::from_secs(120);
+
+/// Starts `ferry-testapp connect` like [`connect`], but every connection, once it has sent its
+/// payload (and held `opts.hold_ms`), stays open until [`HeldConnect::release`]: for tests that
+/// look at live connections or change something while they are open, without guessing how long
+/// that takes.
+pub fn connect_held(pod: &Pod, addr: impl Display, opts: &ConnectOpts) -> Result<HeldConnect> {
+    let limit = opts.timeout_ms + HELD_LIMIT.as_millis() as u64;
+    let mut cmd = connect_command(pod, addr, opts, limit);
+    cmd.arg("--hold-stdin").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = pod.spawn(cmd)?;
+    let stdin = child.take_stdin().ok_or_else(|| anyhow!("testapp stdin not piped"))?;
+    let mut stdout = child.take_stdout().ok_or_else(|| anyhow!("testapp stdout not piped"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = tx.send(stdout.read_to_end(&mut out).map(|_| out));
+    });
+    Ok(HeldConnect { pod: pod.clone(), child, stdin: Some(stdin), stdout: rx, wait: report_wait(opts) })
+}
+
+/// A running [`connect_held`] client; dropping it kills the client.
+#[derive(Debug)]
+pub struct HeldConnect {
+    pod: Pod,
+    child: ChildGuard,
+    /// Closing it is the release.
+    stdin: Option<ChildStdin>,
+    stdout: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    wait: Duration,
+}
+
+impl HeldConnect {
+    /// Lets the connections half-close and finish, and returns the report as [`connect`] does.
+    pub fn release(mut self) -> Result<ConnectReport> {
+        drop(self.stdin.take());
+        let name = self.pod.name().to_owned();
+        let stdout = match self.stdout.recv_timeout(self.wait) {
+            Ok(read) => read.with_context(|| format!("reading testapp's output in pod {name}"))?,
+            Err(_) => bail!(
+                "testapp connect in pod {name} did not finish within {:?} of its release: {}",
+                self.wait,
+                self.child.stderr()
+            ),
+        };
+        let status = self.child.wait_timeout(self.wait)?;
+        let out = Output { status, stdout, stderr: self.child.stderr().into_bytes() };
+        parse_report(&self.pod, &out)
+    }
+}
+
+/// `ferry-testapp connect ADDR` with `opts` and a per-connection timeout of `timeout_ms`.
+fn connect_command(pod: &Pod, addr: impl Display, opts: &ConnectOpts, timeout_ms: u64) -> Command {
     let program = bin_path(TESTAPP);
     let mut cmd = if opts.in_cgroup { pod.command(program) } else { pod.netns_command(program) };
     cmd.args(["connect", &addr.to_string()])
         .args(["--bytes", &opts.bytes.to_string(), "--conns", &opts.conns.to_string()])
-        .args(["--hold-ms", &opts.hold_ms.to_string(), "--timeout-ms", &opts.timeout_ms.to_string()]);
-    let timeout = Duration::from_millis(opts.timeout_ms + opts.hold_ms) + Duration::from_secs(10);
-    run_json(pod, cmd, timeout)
+        .args(["--hold-ms", &opts.hold_ms.to_string(), "--timeout-ms", &timeout_ms.to_string()]);
+    cmd
+}
+
+/// How long to wait for a connect client's report once its connections run on their own.
+fn report_wait(opts: &ConnectOpts) -> Duration {
+    Duration::from_millis(opts.timeout_ms + opts.hold_ms) + Duration::from_secs(10)
 }
 
 /// How much a measuring client ([`rr`], [`crr`]) does.

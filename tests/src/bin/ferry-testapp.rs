@@ -63,6 +63,10 @@ enum Cmd {
         /// Per-connection timeout.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// After sending (and --hold-ms), keep every connection open until standard input reaches
+        /// end of file: the caller decides when they half-close, not a timer.
+        #[arg(long)]
+        hold_stdin: bool,
     },
     /// Request/response round trips on one connection to an echo server.
     Rr(Load),
@@ -125,8 +129,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Serve { port, tag, bind } => runtime().and_then(|rt| rt.block_on(serve(port, tag, bind))),
-        Cmd::Connect { addr, bytes, hold_ms, conns, timeout_ms } => {
-            runtime().map(|rt| rt.block_on(connect(addr, bytes, hold_ms, conns, timeout_ms))).map(|report| {
+        Cmd::Connect { addr, bytes, hold_ms, conns, timeout_ms, hold_stdin } => {
+            let hold = Hold { ms: hold_ms, until_stdin_eof: hold_stdin };
+            runtime().map(|rt| rt.block_on(connect(addr, bytes, hold, conns, timeout_ms))).map(|report| {
                 print_json(&report);
                 std::process::exit(if report.failed == 0 { 0 } else { 1 });
             })
@@ -218,25 +223,38 @@ struct ConnOutcome {
     result: Result<Trailer>,
 }
 
-async fn connect(
-    addr: SocketAddr,
-    bytes: usize,
-    hold_ms: u64,
-    conns: usize,
-    timeout_ms: u64,
-) -> ConnectReport {
+/// How long each connection stays open after sending, before half-closing.
+#[derive(Clone, Copy)]
+struct Hold {
+    /// At least this long.
+    ms: u64,
+    /// And then until standard input reaches end of file.
+    until_stdin_eof: bool,
+}
+
+/// A flag that turns true once standard input reached end of file (or failed).
+fn stdin_released() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn connect(addr: SocketAddr, bytes: usize, hold: Hold, conns: usize, timeout_ms: u64) -> ConnectReport {
+    let released = hold.until_stdin_eof.then(stdin_released);
     let tasks: Vec<_> = (0..conns)
         .map(|i| {
+            let released = released.clone();
             tokio::spawn(async move {
                 let mut local = None;
                 let limit = Duration::from_millis(timeout_ms);
-                let result =
-                    match tokio::time::timeout(limit, one_conn(addr, i as u64, bytes, hold_ms, &mut local))
-                        .await
-                    {
-                        Ok(result) => result,
-                        Err(_) => Err(anyhow::anyhow!("timed out after {timeout_ms} ms")),
-                    };
+                let conn = one_conn(addr, i as u64, bytes, hold.ms, released, &mut local);
+                let result = match tokio::time::timeout(limit, conn).await {
+                    Ok(result) => result,
+                    Err(_) => Err(anyhow::anyhow!("timed out after {timeout_ms} ms")),
+                };
                 ConnOutcome { local, result }
             })
         })
@@ -269,12 +287,14 @@ async fn connect(
     report
 }
 
-/// Sends the payload while reading the echo, half-closes, reads to EOF and checks everything.
+/// Sends the payload while reading the echo, holds (`hold_ms`, then until `released` turns true
+/// when given), half-closes, reads to EOF and checks everything.
 async fn one_conn(
     addr: SocketAddr,
     conn: u64,
     bytes: usize,
     hold_ms: u64,
+    released: Option<tokio::sync::watch::Receiver<bool>>,
     local: &mut Option<SocketAddr>,
 ) -> Result<Trailer> {
     let stream = TcpStream::connect(addr).await.context("connect")?;
@@ -284,6 +304,10 @@ async fn one_conn(
     let write = async {
         writer.write_all(&sent).await.context("send")?;
         tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        if let Some(mut released) = released {
+            // An error means the reader thread is gone, which also ends the hold.
+            let _ = released.wait_for(|r| *r).await;
+        }
         writer.shutdown().await.context("half-close")
     };
     let read = async {
