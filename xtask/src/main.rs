@@ -41,6 +41,9 @@ enum Task {
         /// A short run (about two minutes).
         #[arg(long)]
         quick: bool,
+        /// Also write a flame graph of every mesh (perf samples during the headline load).
+        #[arg(long)]
+        flamegraph: bool,
     },
 }
 
@@ -61,6 +64,6 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Build => build::run(),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, flamegraph } => bench::run(quick, flamegraph),
     }
 }

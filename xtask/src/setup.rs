@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use crate::{cmd, paths};
 
-/// Debian packages the test suite and demo use; later work adds to this list.
-const PACKAGES: &[&str] = &["iproute2", "bpftool", "tcpdump", "prometheus", "iptables", "haproxy"];
+/// Debian packages the test suite, demo and bench use (linux-perf: `bench --flamegraph`); later
+/// work adds to this list.
+const PACKAGES: &[&str] =
+    &["iproute2", "bpftool", "tcpdump", "prometheus", "iptables", "haproxy", "linux-perf"];
 
 /// The bpf-linker release that builds against this nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -12,11 +12,13 @@
 //! `cargo xtask bench [--quick]`.
 
 mod cost;
+mod flame;
 mod machine;
 mod measure;
 mod meshes;
 mod plan;
 mod plot;
+mod profile;
 mod report;
 mod world;
 
@@ -51,6 +53,10 @@ struct Cli {
     /// Rounds over all scenarios (default: 3 for a full run, 1 otherwise); figures are medians.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: Option<u32>,
+    /// Also sample the mesh processes' stacks with perf during round 1's headline open-loop run,
+    /// and write OUT/flame-SCENARIO.svg and .folded (those figures then carry perf's overhead).
+    #[arg(long)]
+    flamegraph: bool,
 }
 
 fn main() -> ExitCode {
@@ -75,10 +81,14 @@ fn run(cli: Cli) -> Result<()> {
         plan.rounds = rounds;
     }
     let chosen = select(&cli.only)?;
+    if cli.flamegraph {
+        profile::check()?;
+    }
+    let flame = cli.flamegraph.then_some(cli.out.as_path());
     std::fs::create_dir_all(&cli.out).with_context(|| format!("cannot create {}", cli.out.display()))?;
     let mut rounds = Vec::new();
     for round in 1..=plan.rounds {
-        rounds.push(run_round(&chosen, &plan, round)?);
+        rounds.push(run_round(&chosen, &plan, round, flame.filter(|_| round == 1))?);
     }
     let (ratios, targets) = report::compare_rounds(&rounds);
     let report = Report {
@@ -114,11 +124,18 @@ fn select(only: &[String]) -> Result<Vec<ScenarioDef>> {
 
 /// Runs every chosen scenario once, in order, and returns their rows, each against its baseline
 /// from the same round.
-fn run_round(chosen: &[ScenarioDef], plan: &Plan, round: u32) -> Result<Vec<report::Row>> {
+/// With `flame`, each mesh's stacks are sampled into flame graphs under that directory.
+fn run_round(
+    chosen: &[ScenarioDef],
+    plan: &Plan,
+    round: u32,
+    flame: Option<&Path>,
+) -> Result<Vec<report::Row>> {
     let mut measured: Vec<(ScenarioDef, Measured)> = Vec::new();
     for def in chosen {
         eprintln!("ferry-bench: round {round}/{}: {}: setting up", plan.rounds, def.name);
-        let m = run_scenario(def, plan).with_context(|| format!("round {round}: scenario {}", def.name))?;
+        let m = run_scenario(def, plan, flame)
+            .with_context(|| format!("round {round}: scenario {}", def.name))?;
         eprintln!(
             "ferry-bench: {}: open loop p50 {:.1} us p99 {:.1} us; rr p50 {:.1} us; cpu {:.3} s/1k; rss {:.1} MB",
             def.name,
@@ -140,15 +157,21 @@ fn run_round(chosen: &[ScenarioDef], plan: &Plan, round: u32) -> Result<Vec<repo
         .collect())
 }
 
-/// Builds the scenario's world and mesh, proves the path, measures, and tears it all down.
-fn run_scenario(def: &ScenarioDef, plan: &Plan) -> Result<Measured> {
+/// Builds the scenario's world and mesh, proves the path, measures, and tears it all down; with
+/// `flame`, writes the mesh's flame graph there (scenarios without mesh processes have none).
+fn run_scenario(def: &ScenarioDef, plan: &Plan, flame: Option<&Path>) -> Result<Measured> {
     let world = World::build(def.topology)?;
     let mesh = meshes::install(&world, def.mesh)?;
     meshes::check_path(&world, &mesh, def.mesh).context("the traffic does not take the scenario's path")?;
     eprintln!("ferry-bench: {}: path checked, measuring", def.name);
-    let measured = measure::run(&world, &mesh.pids(), plan)?;
+    let pids = mesh.pids();
+    let perf_data = flame.filter(|_| !pids.is_empty()).map(|out| profile::data_path(out, def.name));
+    let measured = measure::run(&world, &pids, plan, perf_data.as_deref())?;
     drop(mesh);
     drop(world);
+    if let (Some(data), Some(out)) = (&perf_data, flame) {
+        profile::write(data, out, def.name, plan.mode)?;
+    }
     Ok(measured)
 }
 

@@ -1,5 +1,6 @@
 //! Runs every workload of one scenario from its client pod and reads what the mesh cost meanwhile.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -8,7 +9,8 @@ use ferry_tests::testapp::{self, BulkReport, CrrReport, Load, LoadOpts, LoadRepo
 use serde::Serialize;
 
 use crate::cost;
-use crate::plan::{BULK_STREAMS, CONNS, Plan, RATE, SIZE};
+use crate::plan::{BULK_STREAMS, CONNS, HEADLINE_CONNS, Plan, RATE, SIZE};
+use crate::profile::Recording;
 use crate::world::World;
 
 /// How often peak memory is sampled during the open-loop load.
@@ -50,7 +52,9 @@ impl Measured {
 }
 
 /// Runs the workloads from `world.client` to the service, with `pids` as the mesh's processes.
-pub fn run(world: &World, pids: &[u32], plan: &Plan) -> Result<Measured> {
+/// With `profile`, perf samples those processes' stacks into that file during the headline
+/// open-loop run.
+pub fn run(world: &World, pids: &[u32], plan: &Plan, profile: Option<&Path>) -> Result<Measured> {
     let to = world.service();
     let client = &world.client;
     let rr = testapp::rr(client, to, SIZE, plan.rr_count, plan.rr_warmup).context("closed-loop rr")?;
@@ -70,8 +74,15 @@ pub fn run(world: &World, pids: &[u32], plan: &Plan) -> Result<Measured> {
                     warmup: plan.load_warmup,
                     size: SIZE,
                 };
+                let recording = match profile {
+                    Some(data) if conns == HEADLINE_CONNS => Some(Recording::start(pids, data)?),
+                    _ => None,
+                };
                 let report = testapp::load(client, to, &opts)
                     .with_context(|| format!("open loop, {conns} connections"))?;
+                if let Some(recording) = recording {
+                    recording.stop().context("profiling the mesh processes with perf")?;
+                }
                 ensure!(report.errors == 0, "open loop with {conns} connections had errors: {report:?}");
                 Ok(report)
             })

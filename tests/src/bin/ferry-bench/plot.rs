@@ -111,7 +111,8 @@ fn label(v: f64) -> String {
     }
 }
 
-fn escape(s: &str) -> String {
+/// `s` made safe as the text of an SVG element (also used by [`crate::flame`]).
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
