@@ -30,5 +30,5 @@ pub use link::{LinkEnd, NodeLink, link_nodes};
 pub use mesh::{MeshFile, PodEntry};
 pub use node::{BRIDGE, SimNode};
 pub use pod::{DEFAULT_TIMEOUT, Pod};
-pub use process::ChildGuard;
+pub use process::{ChildGuard, CollectedChild};
 pub use scenario::Scenario;

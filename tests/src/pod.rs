@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::process::{self, ChildGuard, Tracker};
+use crate::process::{self, ChildGuard, CollectedChild, Tracker};
 use crate::{cgroup, fork, netns};
 
 /// How long [`Pod::run_in_cgroup`] waits before giving up.
@@ -109,6 +109,12 @@ impl Pod {
     /// Runs `cmd` to completion, capturing its output; an error (the child killed) after `timeout`.
     pub fn output(&self, cmd: Command, timeout: Duration) -> Result<Output> {
         process::output_with_timeout(cmd, &self.inner.tracker, timeout)
+    }
+
+    /// Starts `cmd` with its output collected, for a caller that talks to it (stdin) before
+    /// waiting for that output.
+    pub fn spawn_collected(&self, cmd: Command) -> Result<CollectedChild> {
+        CollectedChild::spawn(cmd, &self.inner.tracker)
     }
 
     /// Runs `f` on a fresh thread inside the pod's network namespace and returns its result.

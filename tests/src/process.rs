@@ -259,28 +259,60 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Runs `cmd` to completion with stdout and stderr captured, killing it after `timeout`.
+/// A started child whose stdout and stderr are collected in the background, to be finished
+/// with [`CollectedChild::wait`]. Its stdin is left as the command set it.
+#[derive(Debug)]
+pub struct CollectedChild {
+    program: String,
+    guard: ChildGuard,
+    stdout: Drain,
+}
+
+impl CollectedChild {
+    /// Starts `cmd` with stdout and stderr piped and drained, tracked in `tracker`.
+    pub(crate) fn spawn(mut cmd: Command, tracker: &Arc<Tracker>) -> Result<Self> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut guard = ChildGuard::spawn(cmd, tracker)?;
+        let stdout = Drain::start(guard.take_stdout().ok_or_else(|| anyhow!("{program}: stdout not piped"))?);
+        Ok(Self { program, guard, stdout })
+    }
+
+    /// The child's stdin, when the command piped it and it was not taken yet.
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.guard.take_stdin()
+    }
+
+    /// Waits for the child to exit and returns its output; an error (the child killed) after
+    /// `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> Result<Output> {
+        let (program, stdout) = (&self.program, self.stdout);
+        let status = match self.guard.wait_timeout(timeout) {
+            Ok(status) => status,
+            Err(_) => {
+                self.guard.kill()?;
+                let out = String::from_utf8_lossy(&stdout.finish(Duration::from_millis(200))).into_owned();
+                bail!(
+                    "{program} timed out after {timeout:?}\nstdout: {out}\nstderr: {}",
+                    self.guard.stderr()
+                );
+            }
+        };
+        // Normally EOF is already there; the patience is for a drain thread starved on a loaded
+        // machine (or a grandchild holding the pipe), and cutting the output short loses the report.
+        let patience = Duration::from_secs(10);
+        let stderr = self.guard.stderr.take().map(|d| d.finish(patience)).unwrap_or_default();
+        Ok(Output { status, stdout: stdout.finish(patience), stderr })
+    }
+}
+
+/// Runs `cmd` to completion (stdin closed), capturing its output; an error (the child killed)
+/// after `timeout`.
 pub(crate) fn output_with_timeout(
     mut cmd: Command,
     tracker: &Arc<Tracker>,
     timeout: Duration,
 ) -> Result<Output> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut guard = ChildGuard::spawn(cmd, tracker)?;
-    let stdout = Drain::start(guard.take_stdout().ok_or_else(|| anyhow!("{program}: stdout not piped"))?);
-    let waited = guard.wait_timeout(timeout);
-    let status = match waited {
-        Ok(status) => status,
-        Err(_) => {
-            guard.kill()?;
-            let out = String::from_utf8_lossy(&stdout.finish(Duration::from_millis(200))).into_owned();
-            bail!("{program} timed out after {timeout:?}\nstdout: {out}\nstderr: {}", guard.stderr());
-        }
-    };
-    // Normally EOF is already there; the patience is for a drain thread starved on a loaded
-    // machine (or a grandchild holding the pipe), and cutting the output short loses the report.
-    let patience = Duration::from_secs(10);
-    let stderr = guard.stderr.take().map(|d| d.finish(patience)).unwrap_or_default();
-    Ok(Output { status, stdout: stdout.finish(patience), stderr })
+    cmd.stdin(Stdio::null());
+    CollectedChild::spawn(cmd, tracker)?.wait(timeout)
 }

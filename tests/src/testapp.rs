@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::process::{ChildStdin, Command, Output, Stdio};
 use std::time::Duration;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{ChildGuard, Pod, bin_path};
+use crate::{ChildGuard, CollectedChild, Pod, bin_path};
 
 /// The binary's name (see [`crate::bin_path`]).
 pub const TESTAPP: &str = "ferry-testapp";
@@ -318,44 +318,27 @@ pub const HELD_LIMIT: Duration = Duration::from_secs(120);
 pub fn connect_held(pod: &Pod, addr: impl Display, opts: &ConnectOpts) -> Result<HeldConnect> {
     let limit = opts.timeout_ms + HELD_LIMIT.as_millis() as u64;
     let mut cmd = connect_command(pod, addr, opts, limit);
-    cmd.arg("--hold-stdin").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = pod.spawn(cmd)?;
+    cmd.arg("--hold-stdin").stdin(Stdio::piped());
+    let mut child = pod.spawn_collected(cmd)?;
     let stdin = child.take_stdin().ok_or_else(|| anyhow!("testapp stdin not piped"))?;
-    let mut stdout = child.take_stdout().ok_or_else(|| anyhow!("testapp stdout not piped"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = tx.send(stdout.read_to_end(&mut out).map(|_| out));
-    });
-    Ok(HeldConnect { pod: pod.clone(), child, stdin: Some(stdin), stdout: rx, wait: report_wait(opts) })
+    Ok(HeldConnect { pod: pod.clone(), child, stdin, wait: report_wait(opts) })
 }
 
 /// A running [`connect_held`] client; dropping it kills the client.
 #[derive(Debug)]
 pub struct HeldConnect {
     pod: Pod,
-    child: ChildGuard,
+    child: CollectedChild,
     /// Closing it is the release.
-    stdin: Option<ChildStdin>,
-    stdout: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    stdin: ChildStdin,
     wait: Duration,
 }
 
 impl HeldConnect {
     /// Lets the connections half-close and finish, and returns the report as [`connect`] does.
-    pub fn release(mut self) -> Result<ConnectReport> {
-        drop(self.stdin.take());
-        let name = self.pod.name().to_owned();
-        let stdout = match self.stdout.recv_timeout(self.wait) {
-            Ok(read) => read.with_context(|| format!("reading testapp's output in pod {name}"))?,
-            Err(_) => bail!(
-                "testapp connect in pod {name} did not finish within {:?} of its release: {}",
-                self.wait,
-                self.child.stderr()
-            ),
-        };
-        let status = self.child.wait_timeout(self.wait)?;
-        let out = Output { status, stdout, stderr: self.child.stderr().into_bytes() };
+    pub fn release(self) -> Result<ConnectReport> {
+        drop(self.stdin);
+        let out = self.child.wait(self.wait)?;
         parse_report(&self.pod, &out)
     }
 }
