@@ -11,5 +11,6 @@ pub mod identity;
 pub mod introspect;
 pub mod memory;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod reconcile;

@@ -137,6 +137,14 @@ enum CommandError {
         /// The mismatch.
         source: serde_json::Error,
     },
+    /// The answer could not be rendered as YAML.
+    #[error("rendering the agent's answer to {path} as YAML")]
+    Yaml {
+        /// The endpoint.
+        path: &'static str,
+        /// The serializer's complaint.
+        source: yaml::Error,
+    },
     /// stdout or stderr failed.
     #[error("writing the output")]
     Write(#[from] std::io::Error),
@@ -233,7 +241,7 @@ async fn ask(
                 .map_err(|source| CommandError::Shape { path, source })?;
             writeln!(out, "{text}")?;
         }
-        OutputFormat::Yaml => out.write_all(yaml::to_yaml(&value).as_bytes())?,
+        OutputFormat::Yaml => out.write_all(render_yaml(path, &value)?.as_bytes())?,
         OutputFormat::Table => human(cmd, path, value, out, err)?,
     }
     Ok(())
@@ -250,6 +258,11 @@ fn get_path(cmd: &ClientCommand) -> &'static str {
         ClientCommand::ConfigDump => "/config_dump",
         _ => "/status",
     }
+}
+
+/// [`yaml::to_yaml`], with the endpoint as context on failure.
+fn render_yaml(path: &'static str, value: &Value) -> Result<String, CommandError> {
+    yaml::to_yaml(value).map_err(|source| CommandError::Yaml { path, source })
 }
 
 fn parse<T: DeserializeOwned>(path: &'static str, value: Value) -> Result<T, CommandError> {
@@ -280,7 +293,7 @@ fn human(
                     let level = value.get("level").and_then(Value::as_str).unwrap_or("?");
                     format!("log level set to {level}\n")
                 }
-                ClientCommand::ConfigDump => yaml::to_yaml(&value),
+                ClientCommand::ConfigDump => render_yaml(path, &value)?,
                 _ => render::status(&parse(path, value)?),
             };
             out.write_all(text.as_bytes())?;
