@@ -12,12 +12,13 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::{
     admin::{AdminServer, log_level::LogControl},
     bpf::{Datapath, loader::CaptureParams},
-    config::{CaptureMode, MeshConfig},
+    config::CaptureMode,
     events::EventSink,
     introspect::Introspect,
     metrics::{BuildInfo, Metrics, MetricsServer},
     proxy::{MeshState, ProxyPorts, ProxyShared, Sinks, mtls::Mtls, orig_dst::OrigDst},
     reconcile::NodeState,
+    sources::{Initial, Sources},
 };
 
 /// Options of `ferry run`.
@@ -39,9 +40,9 @@ pub struct RunOptions {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    // An invalid file stops us here, before anything touches the kernel.
-    let source = MeshConfig::read_file(&opts.config).context("invalid mesh file")?;
-    let config = MeshConfig::parse_file(&opts.config, &source).context("invalid mesh file")?;
+    // An invalid mesh file stops us here, before anything touches the kernel. Invalid policies do
+    // not: the node starts denying every inbound connection until they are fixed (fail closed).
+    let Initial { sources, config, policies } = Sources::load(&opts.config).context("invalid mesh file")?;
     let events = EventSink::open(opts.events.as_deref())
         .with_context(|| format!("opening events file {:?}", opts.events))?;
     let access_log = EventSink::open(opts.access_log.as_deref())
@@ -85,7 +86,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let capture_mode = capture.mode;
     let program_ids = datapath.as_ref().map(Datapath::program_ids).unwrap_or_default();
     let sinks = Sinks { events, access_log, metrics: metrics.clone() };
-    let shared = Arc::new(ProxyShared::new(orig_dst, sinks, ports, mtls, MeshState::new(config)));
+    let policies = policies.map_err(|e| {
+        let error = e.to_string();
+        tracing::error!(%error, "policies rejected at start: every inbound connection is denied until they are fixed");
+        sinks.events.emit(json!({ "event": "policies_rejected", "error": error }));
+        error
+    });
+    let policy_count = policies.as_ref().map_or(0, Vec::len);
+    let shared = Arc::new(ProxyShared::new(orig_dst, sinks, ports, mtls, MeshState::new(config, policies)));
     let node = Arc::new(NodeState::new(datapath, shared.clone()));
     let counter_node = node.clone();
     metrics.set_bpf_source(Arc::new(move || Introspect::bpf_redirects(&counter_node)));
@@ -100,7 +108,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Before "ready": from then on a SIGTERM means a clean shutdown, never the default (fatal) action.
     let shutdown = ShutdownSignals::install()?;
     shared.events.emit(json!({
-        "event": "ready", "pods": pods, "capture": capture_mode.to_string(),
+        "event": "ready", "pods": pods, "capture": capture_mode.to_string(), "policies": policy_count,
         "programs": program_ids.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
     }));
     tracing::info!(pods, "ready");
@@ -108,7 +116,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // free now but that the allocator would otherwise keep for the agent's whole life.
     crate::memory::release_free_heap();
 
-    let watcher = tokio::spawn(watch_mesh_file(opts.config.clone(), source, node.clone()));
+    let watcher = tokio::spawn(watch_sources(sources, node.clone()));
     shutdown.wait().await;
     tracing::info!("shutting down");
     watcher.abort();
@@ -125,46 +133,32 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often the mesh file is checked for changes. Polling (rather than inotify) also sees files
-/// replaced by rename, as editors and Kubernetes ConfigMap updates do.
+/// How often the mesh file and the policy files are checked for changes. Polling (rather than
+/// inotify) also sees files replaced by rename, as editors and Kubernetes ConfigMap updates do.
 const RELOAD_POLL: Duration = Duration::from_millis(500);
 
-/// Applies valid changes of the mesh file; an invalid file is rejected and the running config kept.
-/// `applied` is the text start-up parsed: comparing against it (not against a first read here)
-/// catches a file replaced between start-up and this task's first poll.
-async fn watch_mesh_file(path: PathBuf, applied: String, node: Arc<NodeState>) {
-    let mut last = applied.into_bytes();
+/// Applies valid changes of the mesh file or of any policy file it names; an invalid change is
+/// rejected whole and the running config and policies are kept.
+async fn watch_sources(mut sources: Sources, node: Arc<NodeState>) {
     loop {
         tokio::time::sleep(RELOAD_POLL).await;
-        // A file briefly missing (mid-replace) is retried on the next poll.
-        let Ok(bytes) = std::fs::read(&path) else { continue };
-        if last == bytes {
-            continue;
-        }
+        let current = node.shared.state();
+        let Some(change) = sources.poll(&current.config) else { continue };
+        drop(current);
         let events = &node.shared.events;
-        // Parse the very bytes compared above, so a second change in between is not skipped.
-        let parsed = match std::str::from_utf8(&bytes) {
-            Ok(text) => MeshConfig::parse_file(&path, text).map_err(anyhow::Error::new),
-            Err(e) => Err(anyhow::anyhow!("mesh file {} is not UTF-8: {e}", path.display())),
+        let result = match change {
+            Ok(desired) => node.apply(desired).await.map_err(anyhow::Error::new),
+            Err(e) => Err(anyhow::Error::new(e)),
         };
-        last = bytes;
-        let config = match parsed {
-            Ok(c) => c,
-            Err(e) => {
-                let error = format!("{e:#}");
-                tracing::error!(%error, "mesh file rejected; keeping the running config");
-                events.emit(json!({ "event": "reload_rejected", "error": error }));
-                continue;
-            }
-        };
-        match node.apply(config).await {
+        match result {
             Ok(report) => {
-                tracing::info!(?report, "mesh file reloaded");
+                sources.commit();
+                tracing::info!(?report, "configuration reloaded");
                 events.emit(json!({ "event": "reloaded", "report": report }));
             }
             Err(e) => {
-                let error = format!("{:#}", anyhow::Error::new(e));
-                tracing::error!(%error, "mesh file rejected; keeping the running config");
+                let error = format!("{e:#}");
+                tracing::error!(%error, "change rejected; keeping the running config and policies");
                 events.emit(json!({ "event": "reload_rejected", "error": error }));
             }
         }

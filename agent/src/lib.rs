@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reconcile;
+pub mod sources;

@@ -11,9 +11,10 @@ use serde_json::json;
 
 use crate::{
     bpf::Datapath,
-    config::{MeshConfig, Pod},
+    config::Pod,
     enroll::{EnrollError, Enrollment},
     proxy::{MeshState, ProxyShared, mtls::MtlsError},
+    sources::Desired,
 };
 
 /// Why a mesh file could not be applied.
@@ -41,6 +42,10 @@ pub struct ApplyReport {
     pub reenrolled: Vec<String>,
     /// Pods that failed to enroll (name, error).
     pub failed: Vec<(String, String)>,
+    /// Policies now in force.
+    pub policies: usize,
+    /// Live connections closed because the new policies deny them.
+    pub closed_by_policy: usize,
 }
 
 /// The agent's live state: programs, proxy state and enrolled pods.
@@ -78,9 +83,11 @@ impl NodeState {
         Ok(enrolled.len())
     }
 
-    /// Applies a new, already validated config. Pods whose entry is unchanged are not touched, so
-    /// their connections go on; a pod that fails to enroll is reported and the rest still apply.
-    pub async fn apply(&self, config: MeshConfig) -> Result<ApplyReport, ApplyError> {
+    /// Applies a new, already validated desired state (mesh and policies). Pods whose entry is
+    /// unchanged are not touched, so their connections go on, unless the new policies deny them;
+    /// a pod that fails to enroll is reported and the rest still apply.
+    pub async fn apply(&self, desired: Desired) -> Result<ApplyReport, ApplyError> {
+        let Desired { config, policies } = desired;
         let current = self.shared.state();
         let old = &current.config;
         for (what, same) in [
@@ -97,9 +104,11 @@ impl NodeState {
             mtls.sync_identities(&config).map_err(ApplyError::Identities)?;
         }
         let wanted: BTreeMap<String, Pod> = config.local_pods().map(|p| (p.key(), p.clone())).collect();
-        self.shared.set_state(MeshState::new(config));
+        let mut report = ApplyReport { policies: policies.len(), ..Default::default() };
+        self.shared.set_state(MeshState::new(config, Ok(policies)));
+        // Decisions must not go stale on long-lived connections (ztunnel#311): re-check them all.
+        report.closed_by_policy = self.shared.recheck_connections();
 
-        let mut report = ApplyReport::default();
         let mut enrolled = self.enrolled.lock().await;
         let stale: Vec<String> = enrolled
             .iter()

@@ -58,6 +58,11 @@ pub struct MeshConfig {
     pub ca: Option<CaSettings>,
     /// How the proxy carries connections it handles at both ends.
     pub datapath: DatapathSettings,
+    /// The namespace whose AuthorizationPolicies apply mesh-wide.
+    pub root_namespace: String,
+    /// Policy files and directories (Istio AuthorizationPolicy YAML), in file order; relative paths
+    /// are resolved against the mesh file's directory by [`MeshConfig::parse_file`].
+    pub policies: Vec<PathBuf>,
     /// Every pod of the mesh, local or not, in file order.
     pub pods: Vec<Pod>,
     /// Every service of the mesh, in file order.
@@ -164,6 +169,8 @@ pub struct Pod {
     pub ipv6: Option<Ipv6Addr>,
     /// Whether it also accepts plaintext from outside the mesh.
     pub mode: Mode,
+    /// Its labels, for policy selectors (`selector.matchLabels`).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Pod {
@@ -255,7 +262,15 @@ impl MeshConfig {
 
     /// Parses and validates `text`, read from `path`; errors name the file.
     pub fn parse_file(path: &Path, text: &str) -> Result<MeshConfig, ConfigError> {
-        Self::parse(text).map_err(|e| ConfigError::File { path: path.to_owned(), cause: Box::new(e) })
+        let mut config =
+            Self::parse(text).map_err(|e| ConfigError::File { path: path.to_owned(), cause: Box::new(e) })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for source in &mut config.policies {
+            if source.is_relative() {
+                *source = dir.join(&*source);
+            }
+        }
+        Ok(config)
     }
 
     /// The pods on this node, which the agent enrolls.

@@ -39,6 +39,42 @@ pub(super) fn trust_domain(value: &str) -> Result<(), String> {
     Err(format!("{value:?} is not a valid trust domain: {why}"))
 }
 
+/// Checks a Kubernetes label value: at most 63 characters of alphanumerics, '-', '_' and '.',
+/// starting and ending alphanumeric; empty is allowed.
+pub(super) fn label_value(value: &str) -> Result<(), String> {
+    qualified_rule(value, true).map_err(|why| format!("{value:?} is not a valid label value: {why}"))
+}
+
+/// Checks a Kubernetes label key: an optional DNS-subdomain prefix and '/', then a name with the
+/// rules of a label value (but not empty).
+pub(super) fn label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        dns_subdomain(prefix).map_err(|why| format!("{key:?} is not a valid label key: its prefix {why}"))?;
+    }
+    qualified_rule(name, false).map_err(|why| format!("{key:?} is not a valid label key: {why}"))
+}
+
+/// The reason `value` is not a Kubernetes qualified name (the part of a label after any prefix).
+fn qualified_rule(value: &str, empty_ok: bool) -> Result<(), String> {
+    let alnum = |b: u8| b.is_ascii_alphanumeric();
+    if value.is_empty() {
+        return if empty_ok { Ok(()) } else { Err("it is empty".to_owned()) };
+    }
+    if value.len() > MAX_LABEL {
+        Err(format!("it is longer than {MAX_LABEL} characters"))
+    } else if !value.bytes().all(|b| alnum(b) || matches!(b, b'-' | b'_' | b'.')) {
+        Err("only letters, digits, '-', '_' and '.' are allowed".to_owned())
+    } else if !value.bytes().next().is_some_and(alnum) || !value.bytes().last().is_some_and(alnum) {
+        Err("it must start and end with a letter or digit".to_owned())
+    } else {
+        Ok(())
+    }
+}
+
 /// The reason `value` is not an RFC 1123 label, if it is not.
 fn label_rule(value: &str) -> Result<(), String> {
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();

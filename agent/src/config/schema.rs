@@ -17,6 +17,9 @@ pub(super) struct RawConfig {
     pub capture: Option<RawCapture>,
     pub ca: Option<RawCa>,
     pub datapath: Option<RawDatapath>,
+    pub root_namespace: Option<String>,
+    #[serde(default)]
+    pub policies: Vec<String>,
     #[serde(default)]
     pub pods: Vec<RawPod>,
     #[serde(default)]
@@ -64,6 +67,8 @@ pub(super) struct RawPod {
     pub cgroup: Option<String>,
     pub ips: Vec<String>,
     pub mode: Option<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// One `[[services]]` entry.

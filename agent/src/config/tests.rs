@@ -46,6 +46,7 @@ fn full_file_round_trip() {
                 ipv4: Some(v4("10.233.1.2")),
                 ipv6: Some(v6("fd00:233:1::2")),
                 mode: Mode::Strict,
+                labels: Default::default(),
             },
             Pod {
                 name: "server-1".into(),
@@ -57,6 +58,7 @@ fn full_file_round_trip() {
                 ipv4: Some(v4("10.233.1.3")),
                 ipv6: Some(v6("fd00:233:1::3")),
                 mode: Mode::Permissive,
+                labels: Default::default(),
             },
             Pod {
                 name: "server-2".into(),
@@ -68,6 +70,7 @@ fn full_file_round_trip() {
                 ipv4: Some(v4("10.233.2.2")),
                 ipv6: None,
                 mode: Mode::Permissive,
+                labels: Default::default(),
             },
         ]
     );

@@ -62,7 +62,29 @@ pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
         services.push(service);
     }
 
-    Ok(MeshConfig { node: raw.node, trust_domain, capture, ca, datapath, pods, services, index })
+    let root_namespace =
+        raw.root_namespace.unwrap_or_else(|| crate::policy::DEFAULT_ROOT_NAMESPACE.to_owned());
+    names::dns_label(&root_namespace).map_err(|m| ConfigError::invalid("root_namespace", m))?;
+    let mut policies = Vec::with_capacity(raw.policies.len());
+    for (i, source) in raw.policies.into_iter().enumerate() {
+        if source.is_empty() {
+            return Err(ConfigError::invalid(format!("policies[{i}]"), "an empty path names no policy file"));
+        }
+        policies.push(PathBuf::from(source));
+    }
+
+    Ok(MeshConfig {
+        node: raw.node,
+        trust_domain,
+        capture,
+        ca,
+        datapath,
+        root_namespace,
+        policies,
+        pods,
+        services,
+        index,
+    })
 }
 
 /// Shortest and longest SVID lifetimes accepted: renewal at half-life must have room to retry, and a
@@ -201,6 +223,12 @@ fn pod(
         }
     }
 
+    for (key, value) in &raw.labels {
+        let path = format!("{path}.labels.{key}");
+        names::label_key(key).map_err(|m| ConfigError::invalid(&path, m))?;
+        names::label_value(value).map_err(|m| ConfigError::invalid(&path, m))?;
+    }
+
     let mode = match raw.mode.as_deref() {
         None | Some("permissive") => Mode::Permissive,
         Some("strict") => Mode::Strict,
@@ -220,6 +248,7 @@ fn pod(
         ipv4,
         ipv6,
         mode,
+        labels: raw.labels,
     })
 }
 

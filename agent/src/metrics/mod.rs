@@ -31,6 +31,11 @@ pub const CONN_LABELS: [&str; 10] = [
     "request_protocol",
 ];
 
+/// Labels of `ferry_authorization_denials_total`: Istio's names for the workload, plus the deciding
+/// policy and the decision's reason.
+pub const DENIAL_LABELS: [&str; 5] =
+    ["reporter", "destination_workload", "destination_workload_namespace", "policy", "reason"];
+
 /// Upper bounds of the connection duration histogram, in seconds: from a quick RPC to an hour-long
 /// stream.
 pub const DURATION_BUCKETS: [f64; 16] =
@@ -206,6 +211,7 @@ pub struct Metrics {
     sent: IntCounterVec,
     received: IntCounterVec,
     duration: HistogramVec,
+    denials: IntCounterVec,
     bpf: Arc<bpf::BpfCollector>,
 }
 
@@ -248,6 +254,14 @@ impl Metrics {
         .map_err(|source| MetricsError::Register { name, source })?;
         register(&registry, name, Box::new(duration.clone()))?;
 
+        let name = "ferry_authorization_denials_total";
+        let denials = IntCounterVec::new(
+            Opts::new(name, "Connections denied by authorization policy at the destination."),
+            &DENIAL_LABELS,
+        )
+        .map_err(|source| MetricsError::Register { name, source })?;
+        register(&registry, name, Box::new(denials.clone()))?;
+
         let bpf = Arc::new(bpf::BpfCollector::new()?);
         register(&registry, bpf::FAMILY, Box::new(bpf::Registered(bpf.clone())))?;
 
@@ -261,7 +275,7 @@ impl Metrics {
         let process = prometheus::process_collector::ProcessCollector::for_self();
         register(&registry, "process_*", Box::new(process))?;
 
-        Ok(Self { registry, opened, closed, failed, sent, received, duration, bpf })
+        Ok(Self { registry, opened, closed, failed, sent, received, duration, denials, bpf })
     }
 
     /// Resolves a connection's label values once; the handle then counts without lookups.
@@ -295,6 +309,19 @@ impl Metrics {
     /// denied). It is not counted as opened or closed.
     pub fn failed(&self, labels: &ConnLabels) {
         self.failed.with_label_values(&labels.values()).inc();
+    }
+
+    /// Counts a connection denied by policy: `policy` is the deciding `namespace/name` (empty when
+    /// none decided, as for "no ALLOW matched"), `reason` the decision's reason label.
+    pub fn denied(&self, labels: &ConnLabels, policy: &str, reason: &str) {
+        let values = [
+            "destination",
+            labels.destination_workload.as_str(),
+            labels.destination_workload_namespace.as_str(),
+            policy,
+            reason,
+        ];
+        self.denials.with_label_values(&values).inc();
     }
 
     /// Sets where `ferry_bpf_redirects_total` is read from at each scrape (the datapath loads after

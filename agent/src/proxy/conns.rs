@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
     ProxyShared,
+    authorize::{AuthzRecord, AuthzSubject},
     relay::{CloseReason, RelayStats, relay},
 };
 use crate::{
@@ -50,6 +51,10 @@ pub struct ConnMeta {
     pub security: SecurityPolicy,
     /// Istio's label set for the metrics and the access log.
     pub labels: ConnLabels,
+    /// The policy decision (inbound records; `None` outbound, where nothing is enforced).
+    pub authz: Option<AuthzRecord>,
+    /// What the decision looked at, so the connection is re-checked when policies change.
+    pub subject: Option<AuthzSubject>,
 }
 
 impl ConnMeta {
@@ -61,6 +66,13 @@ impl ConnMeta {
             "endpoint": self.endpoint.map(|e| e.to_string()), "endpoint_pod": self.endpoint_pod,
             "service": self.service, "security": security_str(self.security),
             "src_identity": self.source_identity, "dst_identity": self.destination_identity,
+            "policy_decision": self.authz.as_ref().map(|a| a.verdict.as_str()),
+            "policy": self.authz.as_ref().and_then(|a| a.policy.clone()),
+            "policy_rule": self.authz.as_ref().and_then(|a| a.rule),
+            "dry_run": self.authz.as_ref().and_then(|a| a.dry_run.as_ref()).map(|d| json!({
+                "decision": d.verdict.as_str(), "policy": d.policy, "rule": d.rule,
+            })),
+            "audit": self.authz.as_ref().and_then(|a| a.audit.clone()),
         })
     }
 }
@@ -79,6 +91,34 @@ struct Live {
     meta: ConnMeta,
     stats: RelayStats,
     started: Instant,
+    closer: Closer,
+}
+
+/// Ends a live relay from outside it (a policy change that now denies the connection).
+#[derive(Default)]
+struct Closer {
+    notify: tokio::sync::Notify,
+    reason: std::sync::OnceLock<String>,
+}
+
+impl Closer {
+    /// Asks the relay to stop; the first reason given is the one recorded.
+    fn close(&self, reason: String) {
+        if self.reason.set(reason).is_ok() {
+            // notify_one keeps a permit if the relay is not waiting yet, so the close is never lost.
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves once [`Closer::close`] was called, with its reason.
+    async fn closed(&self) -> String {
+        loop {
+            if let Some(reason) = self.reason.get() {
+                return reason.clone();
+            }
+            self.notify.notified().await;
+        }
+    }
 }
 
 /// Live connections by id.
@@ -104,6 +144,23 @@ impl ConnTable {
     /// Whether no connection is live.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Closes every live connection whose re-checked subject `deny` turns down (returning the close
+    /// reason); returns how many were closed.
+    pub fn close_where(&self, mut deny: impl FnMut(&ConnMeta, &AuthzSubject) -> Option<String>) -> usize {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for l in live.values() {
+            if let Some(subject) = &l.meta.subject
+                && l.closer.reason.get().is_none()
+                && let Some(reason) = deny(&l.meta, subject)
+            {
+                l.closer.close(reason);
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Live connections per endpoint pod (for `GET /services`).
@@ -152,6 +209,19 @@ impl OpenConn<'_> {
         &self.live.stats
     }
 
+    /// Relays between the two streams until both are done, or until the connection is closed from
+    /// outside (a policy change), whose reason is returned then.
+    pub async fn relay<D, U>(&self, downstream: &mut D, upstream: &mut U, stats: &RelayStats) -> CloseReason
+    where
+        D: AsyncRead + AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        tokio::select! {
+            reason = relay(downstream, upstream, stats) => reason,
+            reason = self.live.closer.closed() => CloseReason::Closed(reason),
+        }
+    }
+
     /// Records the end of the connection: events, access log, metrics, and out of the live table.
     pub fn close(self, reason: &CloseReason) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -198,7 +268,7 @@ impl ProxyShared {
         U: AsyncRead + AsyncWrite + Unpin,
     {
         let conn = self.open_conn(meta);
-        let reason = relay(downstream, upstream, conn.stats()).await;
+        let reason = conn.relay(downstream, upstream, conn.stats()).await;
         conn.close(&reason);
     }
 
@@ -210,7 +280,12 @@ impl ProxyShared {
             extend(&mut record, json!({ "event": "conn_open" }));
             self.events.emit(record);
         }
-        let live = Arc::new(Live { meta, stats: RelayStats::default(), started: Instant::now() });
+        let live = Arc::new(Live {
+            meta,
+            stats: RelayStats::default(),
+            started: Instant::now(),
+            closer: Closer::default(),
+        });
         self.conns.live.lock().unwrap_or_else(|p| p.into_inner()).insert(live.meta.id, live.clone());
         OpenConn { shared: self, live, metrics }
     }

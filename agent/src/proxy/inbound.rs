@@ -10,7 +10,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PodContext, conns::ConnMeta, sockets::connect_from};
+use super::{PodContext, authorize::AuthzSubject, conns::ConnMeta, sockets::connect_from};
 use crate::{
     admin::model::Direction,
     config::Mode,
@@ -48,6 +48,8 @@ pub(super) fn inbound_meta(
         destination_identity: None,
         security,
         labels,
+        authz: None,
+        subject: None,
     }
 }
 
@@ -62,7 +64,7 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
             return;
         }
     };
-    let meta = inbound_meta(&pod, id, peer, orig, SecurityPolicy::None);
+    let mut meta = inbound_meta(&pod, id, peer, orig, SecurityPolicy::None);
     if pod.mode == Mode::Strict {
         // STRICT: only mutually authenticated tunnels may reach this pod.
         shared.reject_conn(&meta, "conn_refused", "plaintext refused: STRICT mode");
@@ -71,6 +73,17 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
     if shared.ports.contains(orig.port()) {
         // Forwarding to our own port over loopback would come straight back: refuse.
         shared.reject_conn(&meta, "conn_refused", "destination is a proxy port");
+        return;
+    }
+    // Plaintext has no principal: only the source address is known to policy.
+    let subject = AuthzSubject {
+        workload: pod.key.clone(),
+        source_ip: Some(peer.ip().to_canonical()),
+        peer: None,
+        destination: orig,
+    };
+    if let Err(denied) = shared.authorize(&mut meta, subject) {
+        shared.reject_conn(&meta, "conn_refused", &denied);
         return;
     }
     let mut up = match connect_to_app(&pod, orig).await {

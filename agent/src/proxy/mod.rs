@@ -1,5 +1,6 @@
 //! The node proxy: per-pod listeners, the outbound and inbound paths, and what they share.
 
+pub mod authorize;
 pub mod balance;
 pub mod conns;
 pub mod inbound;
@@ -30,6 +31,7 @@ use crate::{
     events::EventSink,
     identity::SpiffeId,
     metrics::Metrics,
+    policy::{Authorizer, Origin, Policy, WorkloadRef},
 };
 use conns::ConnTable;
 use mtls::Mtls;
@@ -54,20 +56,35 @@ impl ProxyPorts {
     }
 }
 
-/// The mesh as the proxy sees it: config plus the routing table built from it.
+/// The mesh as the proxy sees it: config plus the routing table and the policy index built from it.
 #[derive(Debug)]
 pub struct MeshState {
     /// The validated mesh file.
     pub config: MeshConfig,
     /// Outbound routing built from `config`.
     pub routes: Routes,
+    /// Authorization policies indexed for the pods of `config`.
+    pub authz: Authorizer,
 }
 
 impl MeshState {
-    /// Builds the state from a config.
-    pub fn new(config: MeshConfig) -> Self {
+    /// Builds the state from a config and its policies; policies that failed to load (`Err`, the
+    /// reason) deny every inbound connection until a valid set is applied.
+    pub fn new(config: MeshConfig, policies: Result<Vec<(Policy, Origin)>, String>) -> Self {
         let routes = Routes::build(&config);
-        Self { config, routes }
+        let authz = match policies {
+            Ok(policies) => {
+                let keys: Vec<String> = config.pods.iter().map(|p| p.key()).collect();
+                let workloads = config.pods.iter().zip(&keys).map(|(p, key)| WorkloadRef {
+                    key,
+                    namespace: &p.namespace,
+                    labels: &p.labels,
+                });
+                Authorizer::new(policies, &config.root_namespace, workloads)
+            }
+            Err(error) => Authorizer::failed(error),
+        };
+        Self { config, routes, authz }
     }
 }
 

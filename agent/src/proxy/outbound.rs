@@ -52,6 +52,8 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         destination_identity: None,
         security: SecurityPolicy::None,
         labels,
+        authz: None,
+        subject: None,
     };
     let (target, _pick) = match state.routes.resolve(orig) {
         Ok(Resolved::Direct(addr)) => (addr, None),

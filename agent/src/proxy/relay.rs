@@ -30,13 +30,15 @@ pub enum CloseReason {
     Eof,
     /// One side failed (reset, timeout); the other was torn down.
     Error(String),
+    /// The agent closed it (a policy change now denies it); the reason says why.
+    Closed(String),
 }
 
 impl std::fmt::Display for CloseReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CloseReason::Eof => f.write_str("eof"),
-            CloseReason::Error(e) => f.write_str(e),
+            CloseReason::Error(e) | CloseReason::Closed(e) => f.write_str(e),
         }
     }
 }

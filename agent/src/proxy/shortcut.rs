@@ -11,9 +11,9 @@ use tokio::net::TcpStream;
 
 use super::{
     PodContext,
+    authorize::AuthzSubject,
     conns::ConnMeta,
     inbound::{connect_to_app, inbound_meta},
-    relay::relay,
 };
 use crate::metrics::SecurityPolicy;
 
@@ -63,6 +63,21 @@ pub(super) async fn relay_local(
         }
         return;
     }
+    // The same decision a tunnel would get: the source pod's identity and its own address (the
+    // tunnel peer address HBONE would have shown), never the loopback socket the app used.
+    let source_ip = src.ips.iter().find(|ip| ip.is_ipv4() == target.is_ipv4()).or(src.ips.first()).copied();
+    let subject = AuthzSubject {
+        workload: dst.key.clone(),
+        source_ip,
+        peer: src.identity.clone(),
+        destination: target,
+    };
+    if let Err(denied) = shared.authorize(&mut inbound, subject) {
+        // The source side records the refusal too, as a 403 from a tunnel would be.
+        shared.reject_conn(&inbound, "conn_refused", &denied);
+        shared.reject_conn(&meta, "conn_failed", &denied);
+        return;
+    }
     let mut app = match connect_to_app(dst, target).await {
         Ok(app) => app,
         Err(e) => {
@@ -74,7 +89,8 @@ pub(super) async fn relay_local(
     };
     let out = shared.open_conn(meta);
     let inb = shared.open_conn(inbound);
-    let reason = relay(&mut down, &mut app, out.stats()).await;
+    // The inbound record is the one policy changes re-check, so its closer ends the relay.
+    let reason = inb.relay(&mut down, &mut app, out.stats()).await;
     // One relay carries both records; the inbound one gets the same byte counts at the end.
     for (from, to) in [(&out.stats().sent, &inb.stats().sent), (&out.stats().received, &inb.stats().received)]
     {

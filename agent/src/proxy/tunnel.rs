@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use super::{
     PodContext,
+    authorize::AuthzSubject,
     inbound::{connect_to_app, inbound_meta},
 };
 use crate::{
@@ -47,6 +48,17 @@ pub async fn handle(
             if shared.ports.contains(target.port()) {
                 shared.reject_conn(&meta, "conn_refused", "destination is a proxy port");
                 return Err(Refusal::forbidden("destination is a proxy port"));
+            }
+            // After the target check: `ports` in policy is the app's port, never the tunnel's.
+            let subject = AuthzSubject {
+                workload: pod.key.clone(),
+                source_ip: Some(peer.ip().to_canonical()),
+                peer: Some(peer_id),
+                destination: target,
+            };
+            if let Err(denied) = shared.authorize(&mut meta, subject) {
+                shared.reject_conn(&meta, "conn_refused", &denied);
+                return Err(Refusal::forbidden(denied));
             }
             let mut app = match connect_to_app(&pod, target).await {
                 Ok(app) => app,
