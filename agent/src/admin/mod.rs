@@ -15,7 +15,8 @@
 //! | `/ready` | `{"ready": bool}`, 200 when ready, 503 when not |
 //! | `/live` | `{"live": true}` |
 //! | `POST /log-level` | `level=` in the query or the body (or a JSON `{"level": ..}` body): `{"level": ..}` |
-//! | `/trace?pod=NS/NAME&dest=IP:PORT` | [`model::TraceView`] |
+//! | `/policies` | array of [`model::PolicyView`] (500 when the policies failed to load at start) |
+//! | `/trace?src=SOURCE&dest=DEST` | [`model::TraceView`]; SOURCE is `NS/NAME`, `spiffe://...` or an IP, DEST is `IP:PORT` or `NS/NAME:PORT` (`pod=` is the old name of `src=`) |
 //!
 //! Errors are `{"error": "message"}` with 400 (bad parameters), 404 (unknown path or pod),
 //! 405 (wrong method), 500 (the daemon failed) or 503 (not ready).
@@ -28,11 +29,13 @@ pub mod server;
 #[cfg(test)]
 pub(crate) mod test_support;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 pub use server::{AdminServer, AdminServerError};
 
-use model::{BpfView, CertView, ConnectionView, ServiceView, StatusView, TraceView, WorkloadView};
+use model::{
+    BpfView, CertView, ConnectionView, PolicyView, ServiceView, StatusView, TraceView, WorkloadView,
+};
 
 /// Where the agent serves the admin API unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/ferry/admin.sock";
@@ -59,8 +62,58 @@ pub trait AdminState: Send + Sync + 'static {
     /// `POST /log-level`: applies a directive the server has already checked with
     /// [`log_level::parse_directive`] (typically through [`log_level::LogControl::set`]).
     fn set_log_level(&self, directive: &str) -> Result<(), StateError>;
-    /// `GET /trace`: what would happen if `pod` ("namespace/name") connected to `dest`.
-    fn trace(&self, pod: &str, dest: SocketAddr) -> Result<TraceView, StateError>;
+    /// `GET /policies`: every authorization policy, what it selects and how it is enforced.
+    fn policies(&self) -> Result<Vec<PolicyView>, StateError>;
+    /// `GET /trace`: what would happen if `src` connected to `dest`.
+    fn trace(&self, src: &TraceSource, dest: &TraceDest) -> Result<TraceView, StateError>;
+}
+
+/// Who connects, in a trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TraceSource {
+    /// A pod of the mesh, `namespace/name`.
+    Pod(String),
+    /// A workload identity (an mTLS peer).
+    Identity(crate::identity::SpiffeId),
+    /// A plaintext client at this address.
+    Address(IpAddr),
+}
+
+/// Where to, in a trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TraceDest {
+    /// An address and port (a pod IP, a service VIP, anything).
+    Address(SocketAddr),
+    /// A pod of the mesh (`namespace/name`) and the app's port.
+    Pod(String, u16),
+}
+
+/// Parses a trace source: `NAMESPACE/NAME`, `spiffe://TRUST_DOMAIN/...` or an IP address.
+pub fn parse_source(src: &str) -> Result<TraceSource, String> {
+    if src.starts_with("spiffe://") {
+        return crate::identity::SpiffeId::parse(src)
+            .map(TraceSource::Identity)
+            .map_err(|e| format!("source {src:?} is not a valid SPIFFE ID: {e}"));
+    }
+    if let Ok(ip) = src.parse::<IpAddr>() {
+        return Ok(TraceSource::Address(ip));
+    }
+    check_pod_key(src)
+        .map(|()| TraceSource::Pod(src.to_owned()))
+        .map_err(|_| format!("source {src:?} is not NAMESPACE/NAME, a spiffe:// ID or an IP address"))
+}
+
+/// Parses a trace destination: `IP:PORT` (`[V6]:PORT` for IPv6) or `NAMESPACE/NAME:PORT`.
+pub fn parse_trace_dest(dest: &str) -> Result<TraceDest, String> {
+    if let Some((pod, port)) = dest.rsplit_once(':')
+        && check_pod_key(pod).is_ok()
+    {
+        return match port.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(TraceDest::Pod(pod.to_owned(), p)),
+            _ => Err(format!("destination {dest:?} needs a port in 1..65535 after the pod")),
+        };
+    }
+    parse_dest(dest).map(TraceDest::Address).map_err(|e| format!("{e}, or NAMESPACE/NAME:PORT"))
 }
 
 /// A failure the daemon reports to the admin API; the variant picks the HTTP status.
@@ -105,6 +158,20 @@ mod tests {
             let e = check_pod_key(bad).expect_err(bad);
             assert!(e.contains("NAMESPACE/NAME"), "{e}");
         }
+    }
+
+    #[test]
+    fn trace_sources_and_destinations() {
+        assert_eq!(parse_source("demo/web"), Ok(TraceSource::Pod("demo/web".into())));
+        assert!(matches!(parse_source("10.0.0.1"), Ok(TraceSource::Address(_))));
+        assert!(matches!(parse_source("fd00::1"), Ok(TraceSource::Address(_))));
+        assert!(matches!(parse_source("spiffe://td/ns/a/sa/b"), Ok(TraceSource::Identity(_))));
+        assert!(parse_source("spiffe://").unwrap_err().contains("not a valid SPIFFE ID"));
+        assert!(parse_source("web").unwrap_err().contains("NAMESPACE/NAME"));
+        assert_eq!(parse_trace_dest("demo/web:8080"), Ok(TraceDest::Pod("demo/web".into(), 8080)));
+        assert!(parse_trace_dest("demo/web:0").unwrap_err().contains("1..65535"));
+        assert!(matches!(parse_trace_dest("[fd00::1]:80"), Ok(TraceDest::Address(_))));
+        assert!(parse_trace_dest("web").unwrap_err().contains("NAMESPACE/NAME:PORT"));
     }
 
     #[test]

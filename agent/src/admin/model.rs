@@ -42,6 +42,12 @@ pub struct StatusView {
     /// The current log filter, as `POST /log-level` last set it.
     #[serde(default)]
     pub log_level: Option<String>,
+    /// Authorization policies in force.
+    #[serde(default)]
+    pub policies: u64,
+    /// Why the policies failed to load at start, when they did: every inbound connection is denied.
+    #[serde(default)]
+    pub policy_error: Option<String>,
 }
 
 /// A pod's inbound security mode, as the mesh file names it.
@@ -349,7 +355,46 @@ pub enum Transport {
     Passthrough,
 }
 
-/// `GET /trace?pod=NS/NAME&dest=IP:PORT`: what would happen if the pod connected to `dest`, and why.
+/// One entry of `GET /policies`: an AuthorizationPolicy, what it selects and how each rule is
+/// enforced.
+///
+/// ```json
+/// {"namespace": "demo", "name": "allow-client", "action": "ALLOW", "dry_run": false,
+///  "source": "/etc/ferry/policies/demo.yaml#2", "selector": {"app": "echo"},
+///  "workloads": ["demo/echo-1"], "rules": [{"index": 0, "enforcement": "L4"}]}
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// ALLOW, DENY or AUDIT.
+    pub action: String,
+    /// Evaluated and logged, not enforced (`istio.io/dry-run`).
+    pub dry_run: bool,
+    /// The file and document it was read from (`FILE#N`).
+    pub source: String,
+    /// `selector.matchLabels`; `null` selects every workload in scope.
+    #[serde(default)]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// The mesh's pods it selects (`namespace/name`).
+    pub workloads: Vec<String>,
+    /// Each rule and how it is enforced.
+    pub rules: Vec<PolicyRuleView>,
+}
+
+/// One rule of a [`PolicyView`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRuleView {
+    /// The rule's index in `spec.rules`.
+    pub index: u32,
+    /// `L4`, `needs HTTP: never matches` or `needs HTTP: denies the connection`.
+    pub enforcement: String,
+}
+
+/// `GET /trace?src=SOURCE&dest=DEST`: what would happen if SOURCE (a pod, a SPIFFE ID or an IP)
+/// connected to DEST (`IP:PORT` or `NAMESPACE/NAME:PORT`), and why.
 ///
 /// ```json
 /// {"pod": "default/client", "dest": "10.96.0.10:80", "captured": true,
@@ -392,12 +437,45 @@ pub struct TraceView {
     /// The destination pod's inbound mode, when it is in the mesh.
     #[serde(default)]
     pub destination_mode: Option<ModeView>,
-    /// Whether policy would let it through (`null` when no policy applies or it is unknown).
+    /// Whether it would get through (`null` when it is unknown).
     #[serde(default)]
     pub allowed: Option<bool>,
+    /// The authorization decision at the destination: `allow` or `deny` (`null` when the
+    /// destination is outside the mesh, or the connection never reaches policy).
+    #[serde(default)]
+    pub decision: Option<String>,
+    /// The deciding policy (`namespace/name`), `null` when none decided.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The deciding rule's index.
+    #[serde(default)]
+    pub rule: Option<u32>,
+    /// The decision in a sentence.
+    #[serde(default)]
+    pub decision_reason: Option<String>,
+    /// What the dry-run policies would decide, when any selects the destination.
+    #[serde(default)]
+    pub dry_run: Option<TraceDryRunView>,
+    /// Every policy of the destination's namespace and the root namespace, and why it matched or
+    /// not.
+    #[serde(default)]
+    pub policies: Vec<crate::policy::Considered>,
     /// Further explanations, one sentence each.
     #[serde(default)]
     pub notes: Vec<String>,
+}
+
+/// The dry-run side of a trace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TraceDryRunView {
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// The deciding policy.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The deciding rule.
+    #[serde(default)]
+    pub rule: Option<u32>,
 }
 
 /// The service side of a trace.

@@ -14,9 +14,9 @@ use hyper::body::Incoming;
 use tokio::net::{UnixListener, UnixStream};
 
 use super::{
-    AdminState, StateError, check_pod_key,
+    AdminState, StateError,
     httpd::{self, Body},
-    log_level, parse_dest, query,
+    log_level, parse_source, parse_trace_dest, query,
 };
 
 /// The largest `POST /log-level` body read.
@@ -192,10 +192,11 @@ enum Endpoint {
     Live,
     LogLevel,
     Trace,
+    Policies,
 }
 
 /// Paths in the order `GET /` lists them.
-const PATHS: [(&str, Endpoint); 12] = [
+const PATHS: [(&str, Endpoint); 13] = [
     ("/", Endpoint::Index),
     ("/status", Endpoint::Status),
     ("/config_dump", Endpoint::ConfigDump),
@@ -208,6 +209,7 @@ const PATHS: [(&str, Endpoint); 12] = [
     ("/live", Endpoint::Live),
     ("/log-level", Endpoint::LogLevel),
     ("/trace", Endpoint::Trace),
+    ("/policies", Endpoint::Policies),
 ];
 
 async fn route(state: Arc<dyn AdminState>, req: Request<Incoming>) -> Response<Body> {
@@ -240,6 +242,7 @@ async fn route(state: Arc<dyn AdminState>, req: Request<Incoming>) -> Response<B
         Endpoint::Bpf => ok_json(flatten(call(&state, |s| s.bpf()).await)),
         Endpoint::LogLevel => set_log_level(&state, req).await,
         Endpoint::Trace => trace(&state, req.uri().query().unwrap_or("")).await,
+        Endpoint::Policies => ok_json(flatten(call(&state, |s| s.policies()).await)),
     };
     result.unwrap_or_else(|Reject(status, message)| httpd::error(status, &message))
 }
@@ -335,14 +338,15 @@ async fn level_from_body(body: Incoming) -> Handled<String> {
 }
 
 async fn trace(state: &Arc<dyn AdminState>, query: &str) -> Handled<Response<Body>> {
-    const USAGE: &str = "use /trace?pod=NAMESPACE/NAME&dest=IP:PORT";
+    const USAGE: &str = "use /trace?src=SOURCE&dest=DEST";
     let pairs = query_pairs(query)?;
-    let pod = param(&pairs, "pod").ok_or_else(|| bad_request(format!("missing pod; {USAGE}")))?;
+    let src = param(&pairs, "src")
+        .or_else(|| param(&pairs, "pod"))
+        .ok_or_else(|| bad_request(format!("missing src; {USAGE}")))?;
     let dest = param(&pairs, "dest").ok_or_else(|| bad_request(format!("missing dest; {USAGE}")))?;
-    check_pod_key(pod).map_err(bad_request)?;
-    let dest = parse_dest(dest).map_err(bad_request)?;
-    let pod = pod.to_owned();
-    ok_json(flatten(call(state, move |s| s.trace(&pod, dest)).await))
+    let src = parse_source(src).map_err(bad_request)?;
+    let dest = parse_trace_dest(dest).map_err(bad_request)?;
+    ok_json(flatten(call(state, move |s| s.trace(&src, &dest)).await))
 }
 
 #[cfg(test)]

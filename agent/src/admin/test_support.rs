@@ -12,11 +12,11 @@ use std::{
 use tokio::sync::oneshot;
 
 use super::{
-    AdminServer, AdminState, StateError,
+    AdminServer, AdminState, StateError, TraceDest, TraceSource,
     model::{
         BpfLinkView, BpfMapView, BpfPodView, BpfProgramView, BpfView, CertState, CertView, ConnectionView,
-        Direction, EndpointView, ModeView, ServicePortView, ServiceView, StatusView, Timestamp,
-        TraceEndpointView, TraceServiceView, TraceView, Transport, WorkloadView,
+        Direction, EndpointView, ModeView, PolicyRuleView, PolicyView, ServicePortView, ServiceView,
+        StatusView, Timestamp, TraceEndpointView, TraceServiceView, TraceView, Transport, WorkloadView,
     },
 };
 
@@ -49,6 +49,8 @@ impl AdminState for FakeState {
             ready: self.ready(),
             active_connections: 1,
             log_level: self.levels.lock().expect("lock").last().cloned(),
+            policies: 1,
+            policy_error: None,
         }
     }
 
@@ -162,17 +164,36 @@ impl AdminState for FakeState {
         Ok(())
     }
 
-    fn trace(&self, pod: &str, dest: SocketAddr) -> Result<TraceView, StateError> {
+    fn policies(&self) -> Result<Vec<PolicyView>, StateError> {
+        Ok(vec![PolicyView {
+            namespace: "default".into(),
+            name: "allow-client".into(),
+            action: "ALLOW".into(),
+            dry_run: false,
+            source: "/etc/ferry/policies/p.yaml#1".into(),
+            selector: None,
+            workloads: vec!["default/web-1".into()],
+            rules: vec![PolicyRuleView { index: 0, enforcement: "L4".into() }],
+        }])
+    }
+
+    fn trace(&self, src: &TraceSource, dest: &TraceDest) -> Result<TraceView, StateError> {
+        let TraceSource::Pod(pod) = src else {
+            return Err(StateError::Invalid("the fake traces pods only".into()));
+        };
         if pod != "default/client" {
             return Err(StateError::NotFound(format!("pod {pod} is not on this node")));
         }
+        let &TraceDest::Address(dest) = dest else {
+            return Err(StateError::Invalid("the fake traces addresses only".into()));
+        };
         let service = (dest == addr("10.96.0.10:80")).then(|| TraceServiceView {
             name: "default/web".into(),
             vip: dest,
             target_port: 8080,
         });
         Ok(TraceView {
-            pod: pod.into(),
+            pod: pod.clone(),
             dest,
             captured: dest.port() != 22,
             program: Some("ferry_connect4".into()),
@@ -188,6 +209,12 @@ impl AdminState for FakeState {
             transport: Some(Transport::Hbone),
             destination_mode: Some(ModeView::Strict),
             allowed: Some(true),
+            decision: Some("allow".into()),
+            policy: Some("default/allow-client".into()),
+            rule: Some(0),
+            decision_reason: Some("allowed by policy default/allow-client rule 0".into()),
+            dry_run: None,
+            policies: vec![],
             notes: vec![],
         })
     }

@@ -7,7 +7,7 @@ pub mod table;
 pub mod trace;
 pub mod yaml;
 
-use std::{error::Error, io::Write, net::SocketAddr, path::PathBuf, time::SystemTime};
+use std::{error::Error, io::Write, path::PathBuf, time::SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -81,15 +81,20 @@ pub enum ClientCommand {
         /// trace, debug, info, warn, error, off, or directives such as `info,ferry::proxy=debug`.
         level: String,
     },
-    /// Explain what would happen if POD connected to DEST, and why.
+    /// Authorization policies: what each selects and how each rule is enforced.
+    #[command(after_help = EXIT_CODES)]
+    Policies,
+    /// Explain what would happen if SOURCE connected to DEST, and why (capture, routing, mTLS and
+    /// the policy decision at the destination).
     #[command(after_help = EXIT_CODES)]
     Trace {
-        /// The source pod, as NAMESPACE/NAME.
-        #[arg(value_parser = pod_arg)]
-        pod: String,
-        /// The destination, as IP:PORT ([IPV6]:PORT for IPv6).
-        #[arg(value_parser = admin::parse_dest)]
-        dest: SocketAddr,
+        /// Who connects: a pod (NAMESPACE/NAME), a workload identity (spiffe://...) or an IP address
+        /// (a plaintext client).
+        #[arg(value_parser = source_arg)]
+        src: String,
+        /// Where to: IP:PORT ([IPV6]:PORT for IPv6) or NAMESPACE/NAME:PORT.
+        #[arg(value_parser = dest_arg)]
+        dest: String,
     },
     /// Print a shell completion script (for example: ferry completions bash > /etc/bash_completion.d/ferry).
     Completions {
@@ -98,8 +103,12 @@ pub enum ClientCommand {
     },
 }
 
-fn pod_arg(s: &str) -> Result<String, String> {
-    admin::check_pod_key(s).map(|()| s.to_owned())
+fn source_arg(s: &str) -> Result<String, String> {
+    admin::parse_source(s).map(|_| s.to_owned())
+}
+
+fn dest_arg(s: &str) -> Result<String, String> {
+    admin::parse_trace_dest(s).map(|_| s.to_owned())
 }
 
 /// A client command's outcome, as the process exit code.
@@ -226,8 +235,8 @@ async fn ask(
             let uri = format!("/log-level?{}", query::build(&[("level", level)]));
             ("/log-level", client.post(&uri, "").await?)
         }
-        ClientCommand::Trace { pod, dest } => {
-            let uri = format!("/trace?{}", query::build(&[("pod", pod), ("dest", &dest.to_string())]));
+        ClientCommand::Trace { src, dest } => {
+            let uri = format!("/trace?{}", query::build(&[("src", src), ("dest", dest)]));
             ("/trace", client.get(&uri).await?)
         }
         other => {
@@ -256,6 +265,7 @@ fn get_path(cmd: &ClientCommand) -> &'static str {
         ClientCommand::Connections => "/connections",
         ClientCommand::Bpf => "/bpf",
         ClientCommand::ConfigDump => "/config_dump",
+        ClientCommand::Policies => "/policies",
         _ => "/status",
     }
 }
@@ -281,6 +291,7 @@ fn human(
         ClientCommand::Workloads => (render::workloads(&parse::<Vec<_>>(path, value)?), "workloads"),
         ClientCommand::Services => (render::services(&parse::<Vec<_>>(path, value)?), "services"),
         ClientCommand::Connections => (render::connections(&parse::<Vec<_>>(path, value)?), "connections"),
+        ClientCommand::Policies => (render::policies(&parse::<Vec<_>>(path, value)?), "policies"),
         ClientCommand::Certs => {
             let now = model::Timestamp::from_system_time(SystemTime::now());
             (render::certs(&parse::<Vec<_>>(path, value)?, now), "certificates")

@@ -3,7 +3,7 @@
 use std::fmt::Display;
 
 use crate::admin::model::{
-    BpfView, CertView, ConnectionView, ServiceView, StatusView, Timestamp, WorkloadView,
+    BpfView, CertView, ConnectionView, PolicyView, ServiceView, StatusView, Timestamp, WorkloadView,
 };
 
 use super::table::Table;
@@ -25,6 +25,13 @@ pub fn status(s: &StatusView) -> String {
         ("Pods enrolled", s.pods_enrolled.to_string()),
         ("Active connections", s.active_connections.to_string()),
         ("Log level", or_dash(s.log_level.as_deref())),
+        (
+            "Policies",
+            match &s.policy_error {
+                Some(e) => format!("FAILED TO LOAD, every inbound connection is denied: {e}"),
+                None => s.policies.to_string(),
+            },
+        ),
     ];
     labelled(&lines)
 }
@@ -96,6 +103,42 @@ pub fn certs(list: &[CertView], now: Timestamp) -> Table {
             c.next_renewal.map_or_else(|| NONE.to_owned(), |r| when(r, now)),
             state.unwrap_or_else(|| NONE.to_owned()),
         ]);
+    }
+    t
+}
+
+/// `ferry policies`: one row per rule, so each rule's enforcement shows.
+pub fn policies(list: &[PolicyView]) -> Table {
+    let mut t = Table::new(&["NAMESPACE", "NAME", "ACTION", "SELECTS", "RULE", "ENFORCED"]);
+    for p in list {
+        let action = if p.dry_run { format!("{} (dry-run)", p.action) } else { p.action.clone() };
+        let selects = if p.workloads.is_empty() { NONE.to_owned() } else { p.workloads.join(",") };
+        if p.rules.is_empty() {
+            let what = if p.action == "ALLOW" {
+                "no rules: matches nothing (denies its workloads)"
+            } else {
+                "no rules"
+            };
+            t.row(vec![
+                p.namespace.clone(),
+                p.name.clone(),
+                action,
+                selects,
+                NONE.to_owned(),
+                what.to_owned(),
+            ]);
+            continue;
+        }
+        for r in &p.rules {
+            t.row(vec![
+                p.namespace.clone(),
+                p.name.clone(),
+                action.clone(),
+                selects.clone(),
+                r.index.to_string(),
+                r.enforcement.clone(),
+            ]);
+        }
     }
     t
 }

@@ -48,9 +48,20 @@ pub fn explain(t: &TraceView) -> String {
     if let Some(mode) = t.destination_mode {
         lines.push(("Destination mode", mode_text(mode).to_owned()));
     }
-    if let Some(allowed) = t.allowed {
-        let verdict = if allowed { "allowed" } else { "denied: the connection would be refused" };
-        lines.push(("Policy", verdict.to_owned()));
+    match (&t.decision, &t.decision_reason, t.allowed) {
+        (Some(_), Some(reason), _) => lines.push(("Decision", reason.clone())),
+        (_, _, Some(false)) => lines.push(("Decision", "denied: the connection would be refused".to_owned())),
+        (_, _, Some(true)) => lines.push(("Decision", "allowed".to_owned())),
+        _ => {}
+    }
+    if let Some(dry) = &t.dry_run {
+        let by = dry.policy.as_deref().map(|p| format!(" (by {p})")).unwrap_or_default();
+        lines.push(("Dry-run", format!("would {}{by}", dry.decision)));
+    }
+    for p in &t.policies {
+        let dry = if p.dry_run { ", dry-run" } else { "" };
+        let verdict = if p.matched { "matches" } else { "no match" };
+        lines.push(("Policy", format!("{} ({}{dry}): {verdict}: {}", p.policy, p.action, p.why)));
     }
     finish(t, lines)
 }
@@ -106,6 +117,12 @@ mod tests {
             transport: Some(Transport::Hbone),
             destination_mode: Some(ModeView::Strict),
             allowed: Some(true),
+            decision: Some("allow".into()),
+            policy: Some("default/allow-client".into()),
+            rule: Some(0),
+            decision_reason: Some("allowed by policy default/allow-client rule 0".into()),
+            dry_run: None,
+            policies: vec![],
             notes: vec!["picked by load".into()],
         }
     }
@@ -121,7 +138,7 @@ mod tests {
             "Identities:        spiffe://td/ns/default/sa/client -> spiffe://td/ns/default/sa/web",
             "Transport:         HBONE",
             "Destination mode:  strict",
-            "Policy:            allowed",
+            "Decision:          allowed by policy default/allow-client rule 0",
             "Note:              picked by load",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
@@ -163,10 +180,17 @@ mod tests {
 
     #[test]
     fn service_without_endpoint_is_refused() {
-        let t = TraceView { endpoint: None, allowed: None, source_identity: None, ..base() };
+        let t = TraceView {
+            endpoint: None,
+            allowed: None,
+            decision: None,
+            decision_reason: None,
+            source_identity: None,
+            ..base()
+        };
         let text = explain(&t);
         assert!(text.contains("none available"), "{text}");
         assert!(text.contains("(none: no CA on this node) -> "), "{text}");
-        assert!(!text.contains("Policy"), "{text}");
+        assert!(!text.contains("Decision"), "{text}");
     }
 }

@@ -195,7 +195,9 @@ async fn trace_checks_its_parameters() {
     let answer = send(&admin, Method::GET, "/trace?pod=default/client&dest=[fd00::1]:22", "").await;
     assert_eq!(json(&answer)["dest"], "[fd00::1]:22");
     for (uri, status, needle) in [
-        ("/trace?dest=10.0.0.1:80", StatusCode::BAD_REQUEST, "missing pod"),
+        ("/trace?dest=10.0.0.1:80", StatusCode::BAD_REQUEST, "missing src"),
+        ("/trace?src=spiffe://&dest=10.0.0.1:80", StatusCode::BAD_REQUEST, "not a valid SPIFFE ID"),
+        ("/trace?src=default/client&dest=default/web:0", StatusCode::BAD_REQUEST, "1..65535"),
         ("/trace?pod=default/client", StatusCode::BAD_REQUEST, "missing dest"),
         ("/trace?pod=client&dest=10.0.0.1:80", StatusCode::BAD_REQUEST, "NAMESPACE/NAME"),
         ("/trace?pod=default/client&dest=web:80", StatusCode::BAD_REQUEST, "IP:PORT"),
@@ -207,5 +209,16 @@ async fn trace_checks_its_parameters() {
         let message = error_message(&answer);
         assert!(message.contains(needle), "{uri}: {message}");
     }
+    admin.stop().await;
+}
+
+#[tokio::test]
+async fn policies_lists_each_rule() {
+    let admin = RunningAdmin::start().await;
+    let answer = send(&admin, Method::GET, "/policies", "").await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    let policies = json(&answer);
+    assert_eq!(policies[0]["name"], "allow-client");
+    assert_eq!(policies[0]["rules"][0]["enforcement"], "L4");
     admin.stop().await;
 }

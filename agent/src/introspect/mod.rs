@@ -1,28 +1,25 @@
 //! What the admin API and the metrics endpoint show: the daemon's side of [`AdminState`] and of the
 //! eBPF counter hook, read from the live node state.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    sync::Arc,
-    time::Instant,
-};
+mod policies;
+mod trace;
+
+use std::{path::PathBuf, sync::Arc, time::Instant};
 
 use rustls::pki_types::UnixTime;
 
 use crate::{
     admin::{
-        AdminState, StateError,
+        AdminState, StateError, TraceDest, TraceSource,
         log_level::LogControl,
         model::{
             BpfLinkView, BpfMapView, BpfPodView, BpfProgramView, BpfView, CertState, CertView,
-            ConnectionView, EndpointView, ModeView, ServicePortView, ServiceView, StatusView, Timestamp,
-            TraceEndpointView, TraceServiceView, TraceView, Transport, WorkloadView,
+            ConnectionView, EndpointView, ModeView, PolicyView, ServicePortView, ServiceView, StatusView,
+            Timestamp, TraceView, WorkloadView,
         },
     },
-    config::{CaptureMode, Mode},
+    config::CaptureMode,
     metrics::{BpfRedirects, RedirectDirection},
-    proxy::routes::Resolved,
     reconcile::NodeState,
 };
 
@@ -78,6 +75,8 @@ impl AdminState for Introspect {
             ready: self.ready(),
             active_connections: self.node.shared.conns.len() as u64,
             log_level: self.log.as_ref().and_then(|l| l.current()),
+            policies: state.authz.policies().len() as u64,
+            policy_error: state.authz.failure().map(str::to_owned),
         }
     }
 
@@ -282,110 +281,11 @@ impl AdminState for Introspect {
         }
     }
 
-    fn trace(&self, pod_key: &str, dest: SocketAddr) -> Result<TraceView, StateError> {
-        let shared = &self.node.shared;
-        let state = shared.state();
-        let config = &state.config;
-        let pod = config
-            .pods
-            .iter()
-            .find(|p| p.key() == pod_key)
-            .ok_or_else(|| StateError::NotFound(format!("no pod {pod_key} in the mesh file")))?;
-        if !pod.is_local(&config.node) {
-            return Err(StateError::NotFound(format!("pod {pod_key} runs on node {}, not here", pod.node)));
-        }
-        let enrolled = self.node.with_enrolled_blocking(|e| e.contains_key(pod_key));
-        let mtls = shared.mtls.as_ref();
-        let mut view = TraceView {
-            pod: pod_key.to_owned(),
-            dest,
-            captured: false,
-            program: None,
-            reason: String::new(),
-            service: None,
-            endpoint: None,
-            source_identity: mtls.and_then(|m| m.identity_of(pod).ok()).map(|i| i.to_string()),
-            destination_identity: None,
-            transport: Some(Transport::Passthrough),
-            destination_mode: None,
-            allowed: None,
-            notes: Vec::new(),
-        };
-        let ip = match dest.ip() {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        let capture = &config.capture;
-        let skip = if !enrolled {
-            Some("the pod is not enrolled".to_owned())
-        } else if ip.is_loopback() {
-            Some("loopback is never captured".to_owned())
-        } else if shared.ports.contains(dest.port()) {
-            Some(format!("port {} is one of the proxy's own ports", dest.port()))
-        } else if capture.exclude_ports.contains(&dest.port()) {
-            Some(format!("port {} is excluded (capture.exclude_ports)", dest.port()))
-        } else {
-            capture.exclude_cidrs.iter().find(|n| n.contains(&ip)).map(|n| format!("{ip} is in excluded {n}"))
-        };
-        if let Some(reason) = skip {
-            view.reason = reason;
-            view.notes.push("the kernel connects the pod directly, without the proxy".into());
-            return Ok(view);
-        }
-        view.captured = true;
-        match capture.mode {
-            CaptureMode::Ebpf => {
-                let program = if dest.is_ipv4() { "ferry_connect4" } else { "ferry_connect6" };
-                view.program = Some(program.to_owned());
-                view.reason = "TCP to a non-loopback destination that is not excluded".into();
-            }
-            CaptureMode::Iptables => {
-                view.reason = "TCP to a non-loopback destination, if the pod's iptables rules \
-                               redirect it (capture mode iptables)"
-                    .into();
-            }
-        }
-        let target = match state.routes.resolve(SocketAddr::new(ip, dest.port())) {
-            Ok(Resolved::Service { route, pick }) => {
-                view.service = Some(TraceServiceView {
-                    name: route.name.clone(),
-                    vip: dest,
-                    target_port: pick.target.port(),
-                });
-                view.notes.push(
-                    "endpoint picked by power of two choices; a real connection may pick another".into(),
-                );
-                pick.target
-            }
-            Ok(Resolved::Direct(addr)) => addr,
-            Err(e) => {
-                view.reason = e.to_string();
-                view.allowed = Some(false);
-                return Ok(view);
-            }
-        };
-        let dst_pod = config.pod_by_ip(target.ip());
-        view.endpoint = Some(TraceEndpointView {
-            pod: dst_pod.map(|p| p.key()),
-            address: target,
-            node: dst_pod.map(|p| p.node.clone()),
-        });
-        view.destination_mode = dst_pod.map(|p| ModeView::from(p.mode));
-        view.destination_identity =
-            dst_pod.and_then(|p| mtls.and_then(|m| m.identity_of(p).ok())).map(|i| i.to_string());
-        view.transport = Some(match (dst_pod, mtls) {
-            (Some(_), Some(_)) => Transport::Hbone,
-            _ => Transport::Plaintext,
-        });
-        let strict_plaintext = dst_pod.map(|p| p.mode == Mode::Strict).unwrap_or(false) && mtls.is_none();
-        view.allowed = Some(!strict_plaintext);
-        if strict_plaintext {
-            view.notes
-                .push("the destination is STRICT and this node has no CA: plaintext would be refused".into());
-        }
-        view.notes.push(
-            "no authorization policy engine yet: captured connections are not filtered by policy".into(),
-        );
-        Ok(view)
+    fn policies(&self) -> Result<Vec<PolicyView>, StateError> {
+        policies::views(&self.node.shared.state().authz)
+    }
+
+    fn trace(&self, src: &TraceSource, dest: &TraceDest) -> Result<TraceView, StateError> {
+        trace::trace(&self.node, src, dest)
     }
 }
