@@ -147,3 +147,91 @@ impl Sources {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: demo\nspec: {}\n";
+
+    fn mesh(policies: &str) -> String {
+        format!("node = \"n\"\npolicies = [{policies}]\n")
+    }
+
+    fn desired(change: Option<Result<Desired, SourceError>>) -> Desired {
+        match change {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => panic!("rejected: {e}"),
+            None => panic!("no change seen"),
+        }
+    }
+
+    #[test]
+    fn policy_file_changes_are_changes_and_bad_ones_are_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh_path = dir.path().join("mesh.toml");
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(&mesh_path, mesh("\"policies\"")).unwrap();
+        let initial = Sources::load(&mesh_path).unwrap();
+        assert_eq!(initial.config.policies, vec![dir.path().join("policies")], "relative to the mesh file");
+        assert_eq!(initial.policies.as_ref().map(Vec::len).ok(), Some(0));
+        let (mut sources, current) = (initial.sources, initial.config);
+        assert!(sources.poll(&current).is_none(), "nothing changed");
+
+        // A file added to the directory.
+        std::fs::write(dir.path().join("policies/a.yaml"), POLICY).unwrap();
+        assert_eq!(desired(sources.poll(&current)).policies.len(), 1);
+        sources.commit();
+        assert!(sources.poll(&current).is_none());
+
+        // An invalid policy: rejected, once, naming the file.
+        std::fs::write(
+            dir.path().join("policies/a.yaml"),
+            POLICY.replace("spec: {}", "spec: {action: NOPE}"),
+        )
+        .unwrap();
+        let err = sources.poll(&current).expect("a change").expect_err("invalid");
+        assert!(err.to_string().contains("a.yaml, document 1 (demo/p): spec.action"), "{err}");
+        assert!(sources.poll(&current).is_none(), "reported once");
+
+        // Reverted to what runs: nothing to apply.
+        std::fs::write(dir.path().join("policies/a.yaml"), POLICY).unwrap();
+        assert!(sources.poll(&current).is_none());
+
+        // Removed: a change to an empty set.
+        std::fs::remove_file(dir.path().join("policies/a.yaml")).unwrap();
+        assert_eq!(desired(sources.poll(&current)).policies.len(), 0);
+    }
+
+    #[test]
+    fn a_mesh_change_rejected_for_its_policies_is_applied_once_they_are_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh_path = dir.path().join("mesh.toml");
+        std::fs::write(&mesh_path, mesh("")).unwrap();
+        let initial = Sources::load(&mesh_path).unwrap();
+        let (mut sources, current) = (initial.sources, initial.config);
+        std::fs::write(dir.path().join("p.yaml"), "not: [valid").unwrap();
+        std::fs::write(&mesh_path, mesh("\"p.yaml\"")).unwrap();
+        assert!(sources.poll(&current).expect("a change").is_err());
+        assert!(sources.poll(&current).is_none());
+        std::fs::write(dir.path().join("p.yaml"), POLICY).unwrap();
+        let d = desired(sources.poll(&current));
+        assert_eq!((d.config.policies.len(), d.policies.len()), (1, 1), "the new mesh file comes with it");
+        // A named file that disappears is an error, not an empty set.
+        sources.commit();
+        std::fs::remove_file(dir.path().join("p.yaml")).unwrap();
+        let err = sources.poll(&current).expect("a change").expect_err("missing file");
+        assert!(err.to_string().contains("cannot read policy source"), "{err}");
+    }
+
+    #[test]
+    fn policies_that_fail_at_start_are_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh_path = dir.path().join("mesh.toml");
+        std::fs::write(&mesh_path, mesh("\"missing.yaml\"")).unwrap();
+        let initial = Sources::load(&mesh_path).expect("the mesh itself is valid");
+        assert!(initial.policies.is_err());
+        std::fs::write(&mesh_path, "node = [").unwrap();
+        assert!(Sources::load(&mesh_path).is_err(), "an invalid mesh file stops the start");
+    }
+}

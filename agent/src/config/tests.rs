@@ -146,3 +146,37 @@ fn load_reads_the_file_and_names_it_in_errors() {
     assert!(matches!(&err, ConfigError::Read { kind: std::io::ErrorKind::NotFound, .. }), "{err:?}");
     assert!(err.to_string().starts_with(&format!("cannot read {}: ", missing.display())), "{err}");
 }
+
+#[test]
+fn labels_root_namespace_and_policy_sources() {
+    let text = "node = \"n\"\nroot_namespace = \"mesh-root\"\npolicies = [\"/etc/ferry/policies\", \"extra.yaml\"]\n\
+                [[pods]]\nname = \"a\"\nnamespace = \"d\"\nservice_account = \"a\"\nnetns = \"/n\"\ncgroup = \"/c\"\n\
+                ips = [\"10.0.0.1\"]\nlabels = { app = \"echo\", \"app.kubernetes.io/version\" = \"v1\" }\n";
+    let config = MeshConfig::parse_file(std::path::Path::new("/etc/ferry/mesh.toml"), text).expect("valid");
+    assert_eq!(config.root_namespace, "mesh-root");
+    assert_eq!(
+        config.policies,
+        vec![
+            std::path::PathBuf::from("/etc/ferry/policies"),
+            std::path::PathBuf::from("/etc/ferry/extra.yaml")
+        ]
+    );
+    assert_eq!(config.pods[0].labels.get("app").map(String::as_str), Some("echo"));
+    let default = MeshConfig::parse("node = \"n\"\n").expect("valid");
+    assert_eq!(default.root_namespace, "ferry-system");
+    for (bad, want) in [
+        ("labels = { app = \"a b\" }", "pods[0].labels.app: \"a b\" is not a valid label value"),
+        ("labels = { \"-x\" = \"a\" }", "is not a valid label key"),
+    ] {
+        let e = MeshConfig::parse(
+            &text.replace("labels = { app = \"echo\", \"app.kubernetes.io/version\" = \"v1\" }", bad),
+        )
+        .expect_err(bad)
+        .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let e = MeshConfig::parse("node = \"n\"\nroot_namespace = \"Root\"\n").expect_err("bad root").to_string();
+    assert!(e.starts_with("root_namespace: "), "{e}");
+    let e = MeshConfig::parse("node = \"n\"\npolicies = [\"\"]\n").expect_err("empty").to_string();
+    assert!(e.starts_with("policies[0]: "), "{e}");
+}
