@@ -10,6 +10,7 @@ mod bins;
 pub mod ca;
 pub mod cgroup;
 pub mod cleanup;
+pub mod counting_server;
 mod fork;
 pub mod haproxy;
 pub mod iptables;

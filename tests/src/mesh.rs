@@ -1,5 +1,8 @@
 //! Building the agent's standalone mesh file (TOML) from simulated pods.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use serde::Serialize;
 
 use crate::Pod;
@@ -10,6 +13,10 @@ pub struct MeshFile {
     node: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     trust_domain: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    root_namespace: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    policies: Vec<String>,
     capture: Capture,
     #[serde(skip_serializing_if = "Option::is_none")]
     ca: Option<Ca>,
@@ -55,6 +62,9 @@ pub struct PodEntry {
     ips: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mode: Option<String>,
+    /// Last: a table, which TOML writes after the plain values.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
 }
 
 /// One `[[services]]` entry.
@@ -80,6 +90,8 @@ impl MeshFile {
         Self {
             node: node.to_owned(),
             trust_domain: None,
+            root_namespace: None,
+            policies: Vec::new(),
             capture: Capture::default(),
             ca: None,
             datapath: None,
@@ -91,6 +103,20 @@ impl MeshFile {
     /// Sets `trust_domain`.
     pub fn trust_domain(&mut self, domain: &str) -> &mut Self {
         self.trust_domain = Some(domain.to_owned());
+        self
+    }
+
+    /// Sets `root_namespace`: the namespace whose authorization policies apply mesh-wide (the
+    /// agent's default is "ferry-system").
+    pub fn root_namespace(&mut self, namespace: &str) -> &mut Self {
+        self.root_namespace = Some(namespace.to_owned());
+        self
+    }
+
+    /// Adds a source of Istio AuthorizationPolicy YAML to `policies`: a file, or a directory whose
+    /// `*.yaml`/`*.yml` files count; a relative path is taken from the mesh file's directory.
+    pub fn policies(&mut self, path: &Path) -> &mut Self {
+        self.policies.push(path.display().to_string());
         self
     }
 
@@ -106,6 +132,7 @@ impl MeshFile {
             cgroup: pod.cgroup_path().display().to_string(),
             ips: vec![pod.ipv4().to_string(), pod.ipv6().to_string()],
             mode: None,
+            labels: BTreeMap::new(),
         });
         self.pods.last_mut().expect("just pushed")
     }
@@ -180,6 +207,12 @@ impl PodEntry {
         self
     }
 
+    /// Adds pod labels (`labels = { app = "echo" }`), which policies select with `matchLabels`.
+    pub fn labels(&mut self, labels: &[(&str, &str)]) -> &mut Self {
+        self.labels.extend(labels.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())));
+        self
+    }
+
     /// Replaces the IPs (for example to list only the IPv4 address).
     pub fn ips(&mut self, ips: &[&str]) -> &mut Self {
         self.ips = ips.iter().map(|ip| ip.to_string()).collect();
@@ -201,6 +234,7 @@ mod tests {
             cgroup: format!("/sys/fs/cgroup/x/{name}"),
             ips: ips.iter().map(|s| s.to_string()).collect(),
             mode: None,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -223,6 +257,7 @@ mod tests {
         assert_eq!(pods[0]["ips"][1].as_str(), Some("fd00:233:1::2"));
         assert_eq!(pods[0]["netns"].as_str(), Some("/var/run/netns/client"));
         assert!(pods[0].get("mode").is_none() && pods[0].get("node").is_none());
+        assert!(pods[0].get("labels").is_none(), "no labels unless set");
         assert_eq!(pods[1]["mode"].as_str(), Some("strict"));
         assert_eq!(pods[1]["node"].as_str(), Some("node-b"));
         assert_eq!(pods[1]["ips"].as_array().unwrap().len(), 1);
@@ -247,5 +282,26 @@ mod tests {
         mesh.local_shortcut(true);
         let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
         assert_eq!(value["datapath"]["local_shortcut"].as_bool(), Some(true));
+    }
+
+    #[test]
+    fn policies_root_namespace_and_labels_are_written_when_set() {
+        let mut mesh = MeshFile::new("n");
+        let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
+        assert!(value.get("policies").is_none() && value.get("root_namespace").is_none());
+        mesh.root_namespace("istio-config")
+            .policies(Path::new("/etc/ferry/policies"))
+            .policies(Path::new("p.yaml"));
+        mesh.pods.push(pod("server", &["10.233.2.2"]));
+        mesh.pods[0].labels(&[("app", "echo"), ("version", "v1")]).mode("strict");
+        let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
+        assert_eq!(value["root_namespace"].as_str(), Some("istio-config"));
+        let sources: Vec<&str> =
+            value["policies"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert_eq!(sources, ["/etc/ferry/policies", "p.yaml"]);
+        let pod = &value["pods"][0];
+        assert_eq!(pod["labels"]["app"].as_str(), Some("echo"));
+        assert_eq!(pod["labels"]["version"].as_str(), Some("v1"));
+        assert_eq!(pod["mode"].as_str(), Some("strict"), "plain values still belong to the pod");
     }
 }

@@ -1,0 +1,692 @@
+//! Istio AuthorizationPolicy enforcement, end to end: two nodes with mutual TLS, the policies in a
+//! directory both agents read (`policies = [DIR]` in their mesh files), and every decision checked
+//! where it is made, at the destination's agent: what the apps saw, the connection records, the
+//! metrics and the CLI.
+
+mod common;
+
+use std::io::{ErrorKind, Read as _, Write as _};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use common::*;
+use ferry_tests::counting_server::CountingServer;
+use ferry_tests::netns::in_netns;
+use ferry_tests::testapp::{self, ConnectOpts};
+use ferry_tests::{Agent, ChildGuard, MeshFile, NodeLink, Pod, SimNode, bin_path, link_nodes};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const OTHER_ID: &str = "spiffe://cluster.local/ns/demo/sa/other";
+const STRANGER_ID: &str = "spiffe://cluster.local/ns/other-ns/sa/stranger";
+/// Where the server runs `ferry-testapp serve`.
+const ECHO_PORT: u16 = SERVER_PORT;
+/// Where the server runs a [`CountingServer`], to show what its app accepted.
+const COUNTED_PORT: u16 = 9090;
+/// outsider-1's address: node-b's pods get 10.233.2.2 (server), .3 and .4 in the order they are added.
+const OUTSIDER_1: &str = "10.233.2.3";
+/// What [`exchange`] sends.
+const MESSAGE: &[u8] = b"ferry policy probe";
+/// How long a held [`exchange`] waits for its connection to end.
+const HOLD_LIMIT: Duration = Duration::from_secs(60);
+
+// ---- Policies, as Istio's documentation writes them.
+
+/// ALLOW the client's principal to the echo workload's app ports (never the tunnel's port).
+const ALLOW_CLIENT: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-client
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/client"]
+    to:
+    - operation:
+        ports: ["8080", "9090"]
+"#;
+
+/// DENY every source of namespace other-ns to the echo workload.
+const DENY_OTHER_NS: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-other-ns
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: ["other-ns"]
+"#;
+
+/// Istio's mesh-wide "allow nothing": an ALLOW without rules in the root namespace.
+const ALLOW_NOTHING: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-nothing
+  namespace: ferry-system
+spec:
+  {}
+"#;
+
+/// DENY the client's principal, for every workload of namespace demo.
+const DENY_CLIENT: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-client
+  namespace: demo
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/client"]
+"#;
+
+// ---- The topology.
+
+/// A directory of policy files that both agents' mesh files name.
+struct PolicyDir(tempfile::TempDir);
+
+impl PolicyDir {
+    fn new() -> Result<Self> {
+        Ok(Self(tempfile::Builder::new().prefix("ferry-policies-").tempdir()?))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Writes `file` whole: first to a dot-file (which the agent skips), then renamed into place.
+    fn write(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.path().join(file)).with_context(|| format!("cannot place {file}"))
+    }
+}
+
+/// Two linked nodes with one CA. node-a: `client` (namespace demo, service account client),
+/// `other` (demo, other) and `stranger` (other-ns, stranger). node-b: `server` (demo, echo,
+/// labels app=echo, PERMISSIVE) with `ferry-testapp serve` on [`ECHO_PORT`] and a
+/// [`CountingServer`] on [`COUNTED_PORT`], and two `outsiders` that are not in the mesh. Fields
+/// drop in order: the agents first, the nodes last.
+struct Mesh {
+    a: Agent,
+    b: Agent,
+    client: Pod,
+    other: Pod,
+    stranger: Pod,
+    server: Pod,
+    outsiders: Vec<Pod>,
+    counted: CountingServer,
+    policies: PolicyDir,
+    _ca: tempfile::TempDir,
+    _echo: ChildGuard,
+    _link: NodeLink,
+    _node_a: SimNode,
+    node_b: SimNode,
+}
+
+impl Mesh {
+    /// Builds the nodes, writes `policies` (file name, YAML) into the policy directory, starts
+    /// the servers and then both agents.
+    fn start(name: &str, policies: &[(&str, &str)]) -> Result<Self> {
+        let mut node_a = SimNode::new(&format!("{name}a"), 1)?;
+        let mut node_b = SimNode::new(&format!("{name}b"), 2)?;
+        let link = link_nodes(&node_a, &node_b)?;
+        let client = node_a.add_pod("client")?;
+        let other = node_a.add_pod("other")?;
+        let stranger = node_a.add_pod("stranger")?;
+        let server = node_b.add_pod("server")?;
+        let outsiders = vec![node_b.add_pod("outsider-1")?, node_b.add_pod("outsider-2")?];
+        ensure!(outsiders[0].ipv4().to_string() == OUTSIDER_1, "outsider-1 is at {}", outsiders[0].ipv4());
+        let echo = serve(&server, ECHO_PORT, "server")?;
+        let counted = CountingServer::start(&server, COUNTED_PORT, "counted")?;
+        let dir = PolicyDir::new()?;
+        for (file, yaml) in policies {
+            dir.write(file, yaml)?;
+        }
+        let ca = ferry_tests::ca::make_ca("cluster.local", &["node-a", "node-b"])?;
+        let mesh_for = |node: &str| {
+            let mut mesh = MeshFile::new(node);
+            mesh.ca(&ca.path().join("nodes").join(node), None).policies(dir.path());
+            mesh.pod(&client, "demo", "client").node("node-a");
+            mesh.pod(&other, "demo", "other").node("node-a");
+            mesh.pod(&stranger, "other-ns", "stranger").node("node-a");
+            mesh.pod(&server, "demo", "echo").node("node-b").mode("permissive").labels(&[("app", "echo")]);
+            mesh.to_toml()
+        };
+        let agent = |node: &SimNode, name: &str| {
+            Agent::start(node, &mesh_for(name)).with_context(|| format!("agent on {name}"))
+        };
+        Ok(Self {
+            a: agent(&node_a, "node-a")?,
+            b: agent(&node_b, "node-b")?,
+            client,
+            other,
+            stranger,
+            server,
+            outsiders,
+            counted,
+            policies: dir,
+            _ca: ca,
+            _echo: echo,
+            _link: link,
+            _node_a: node_a,
+            node_b,
+        })
+    }
+
+    /// The server's IPv4 address with `port`.
+    fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.server.ipv4().into(), port)
+    }
+
+    /// Writes policy `file` and returns node-b's next reload outcome (`reloaded` or
+    /// `reload_rejected`).
+    fn apply(&self, file: &str, yaml: &str) -> Value {
+        let outcome = |e: &Value| e["event"] == "reloaded" || e["event"] == "reload_rejected";
+        let before = self.b.events().iter().filter(|e| outcome(e)).count();
+        self.policies.write(file, yaml).expect("writing a policy file");
+        let seen = wait_events(&self.b, before + 1, outcome);
+        assert!(seen.len() > before, "node-b's agent did not react to {file}: {:?}", self.b.events());
+        seen[before].clone()
+    }
+
+    /// The `n`-th (from 1) inbound `kind` record on node-b's agent of a connection from `from`.
+    fn record(&self, kind: &str, from: &Pod, n: usize) -> Value {
+        let pred = |e: &Value| e["event"] == kind && e["direction"] == "inbound" && comes_from(e, from);
+        let found = wait_events(&self.b, n, pred);
+        assert!(found.len() >= n, "no {kind} #{n} from {}: {:?}", from.name(), self.b.events());
+        found[n - 1].clone()
+    }
+
+    /// `ferry ARGS -o json` against node-b's agent.
+    fn cli(&self, args: &[&str]) -> Value {
+        let out = Command::new(bin_path("ferry"))
+            .arg("--admin-socket")
+            .arg(self.b.admin_socket())
+            .args(args)
+            .args(["-o", "json"])
+            .env_remove("FERRY_ADMIN_SOCKET")
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run the ferry CLI");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "ferry {args:?} failed ({}): {stdout}{stderr}", out.status);
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("ferry {args:?} printed bad JSON ({e}): {stdout}"))
+    }
+
+    /// `ferry trace SRC DEST -o json` against node-b's agent.
+    fn trace(&self, src: &str, dest: &str) -> Value {
+        self.cli(&["trace", src, dest])
+    }
+
+    /// Waits until node-b's agent counts `want` denials of the server with these extra labels.
+    fn assert_denials(&self, labels: &[(&str, &str)], want: f64) {
+        let mut wanted = vec![
+            "reporter=\"destination\"".to_owned(),
+            "destination_workload=\"server\"".to_owned(),
+            "destination_workload_namespace=\"demo\"".to_owned(),
+        ];
+        wanted.extend(labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")));
+        poll(|| {
+            let lines = denial_series(&self.node_b);
+            let value = lines
+                .iter()
+                .find(|l| wanted.iter().all(|w| l.contains(w.as_str())))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+            if value == Some(want) {
+                Ok(())
+            } else {
+                Err(format!("want {want} for {wanted:?}, got {lines:?}"))
+            }
+        });
+    }
+}
+
+/// Whether record `e` is of a connection from `pod`: by its source pod, else its source address.
+fn comes_from(e: &Value, pod: &Pod) -> bool {
+    let name = e["src_pod"].as_str().and_then(|p| p.split_once('/')).map(|(_, name)| name);
+    let ip = e["src"].as_str().and_then(|s| s.parse::<SocketAddr>().ok()).map(|a| a.ip());
+    name == Some(pod.name()) || ip == Some(pod.ipv4().into())
+}
+
+/// Retries `probe` until it succeeds, for up to [`EVENT_WAIT`]; panics with its last complaint.
+fn poll<T>(mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + EVENT_WAIT;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(why) if Instant::now() >= deadline => panic!("not within {EVENT_WAIT:?}: {why}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// The `ferry_authorization_denials_total` lines of the agent's metrics in `node`'s netns.
+fn denial_series(node: &SimNode) -> Vec<String> {
+    let scrape = in_netns(node.netns_path(), || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&"127.0.0.1:15020".parse().unwrap(), Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    });
+    let text = scrape.expect("entering the node's netns").expect("scraping the agent's metrics");
+    text.lines().filter(|l| l.starts_with("ferry_authorization_denials_total{")).map(str::to_owned).collect()
+}
+
+/// The first line of `agent`'s access log matching `pred` (waiting for it).
+fn access_line(agent: &Agent, pred: impl Fn(&Value) -> bool) -> Value {
+    poll(|| {
+        agent.access_log().into_iter().find(|l| pred(l)).ok_or_else(|| format!("{:?}", agent.access_log()))
+    })
+}
+
+/// Asserts a record's authorization fields: the decision, the deciding policy and rule.
+fn assert_decided(e: &Value, decision: &str, policy: Option<&str>, rule: Option<u64>) {
+    assert_eq!(e["policy_decision"], decision, "{e}");
+    assert_eq!(e["policy"], json!(policy), "{e}");
+    assert_eq!(e["policy_rule"], json!(rule), "{e}");
+    for key in ["dry_run", "audit"] {
+        assert!(e.get(key).is_some(), "{key} missing in {e}");
+    }
+}
+
+/// Asserts a refusal record: a denial whose reason says so, naming the policy when one decided.
+fn assert_denied(e: &Value, policy: Option<&str>, rule: Option<u64>) {
+    assert_decided(e, "deny", policy, rule);
+    let reason = e["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("denied"), "{e}");
+    if let Some(policy) = policy {
+        assert!(reason.contains(policy), "the reason names {policy}: {e}");
+    }
+}
+
+// ---- Clients.
+
+/// Runs `ferry-testapp connect` (1000 bytes) from `from` to `to`, which must be echoed intact.
+fn assert_echoes(from: &Pod, to: SocketAddr) {
+    let report = testapp::connect(from, to, &ConnectOpts { bytes: 1000, ..ConnectOpts::default() })
+        .expect("testapp connect ran");
+    assert_eq!((report.ok, report.failed), (1, 0), "{} -> {to} must get through: {report:?}", from.name());
+}
+
+/// How an [`exchange`] ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Ended {
+    /// The peer closed (FIN).
+    Eof,
+    /// Reading failed, such as a reset.
+    Error(String),
+    /// Nothing ended it within [`HOLD_LIMIT`].
+    Timeout,
+    /// The connect itself failed.
+    NoConnect(String),
+}
+
+/// What the client of an [`exchange`] saw.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Exchange {
+    received: usize,
+    ended: Ended,
+}
+
+/// From `from` (its netns and cgroup, so an enrolled pod's connect is captured): connects to
+/// `to`, sends [`MESSAGE`], half-closes unless `hold`, and reads until the connection ends or
+/// [`HOLD_LIMIT`] passes.
+fn exchange(from: &Pod, to: SocketAddr, hold: bool) -> Exchange {
+    from.run_in_cgroup_timeout(HOLD_LIMIT * 2, move || {
+        let mut s = match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
+            Ok(s) => s,
+            Err(e) => return Exchange { received: 0, ended: Ended::NoConnect(e.to_string()) },
+        };
+        // A refused connection may already be gone: what the reads see is the answer.
+        let _ = s.set_read_timeout(Some(HOLD_LIMIT));
+        let _ = s.write_all(MESSAGE);
+        if !hold {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+        let (mut received, mut buf) = (0, [0u8; 4096]);
+        let ended = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break Ended::Eof,
+                Ok(n) => received += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    break Ended::Timeout;
+                }
+                Err(e) => break Ended::Error(e.to_string()),
+            }
+        };
+        Exchange { received, ended }
+    })
+    .expect("the forked client ran")
+}
+
+/// From `from` to `to`: the connection is accepted and then closed without a byte coming back.
+fn assert_refused(from: &Pod, to: SocketAddr) {
+    let x = exchange(from, to, false);
+    assert!(matches!(x.ended, Ended::Eof | Ended::Error(_)), "{} -> {to}: {x:?}", from.name());
+    assert_eq!(x.received, 0, "{} -> {to} must get nothing back: {x:?}", from.name());
+}
+
+/// The object of array `list` whose field `key` is `policy`.
+fn entry<'a>(list: &'a Value, key: &str, policy: &str) -> &'a Value {
+    let items = list.as_array().unwrap_or_else(|| panic!("not an array: {list:#}"));
+    items.iter().find(|p| p[key] == policy).unwrap_or_else(|| panic!("no {policy} in {list:#}"))
+}
+
+/// Whether a JSON action names `want` (Istio writes ALLOW, DENY, AUDIT).
+fn is_action(action: &Value, want: &str) -> bool {
+    action.as_str().is_some_and(|a| a.eq_ignore_ascii_case(want))
+}
+
+// ---- The tests.
+
+#[test]
+fn allow_by_principal_across_nodes() {
+    let t = Mesh::start("pprin", &[("allow.yaml", ALLOW_CLIENT)]).unwrap();
+    let to = t.addr(ECHO_PORT);
+
+    assert_echoes(&t.client, to);
+    let allowed = t.record("conn_close", &t.client, 1);
+    assert_eq!((&allowed["security"], &allowed["src_identity"]), (&"mutual_tls".into(), &CLIENT_ID.into()));
+    assert_decided(&allowed, "allow", Some("demo/allow-client"), Some(0));
+    assert!(allowed["dry_run"].is_null() && allowed["audit"].is_null(), "{allowed}");
+    // The access log line of the same connection carries the decision too.
+    let line = access_line(&t.b, |l| l["reporter"] == "destination" && l["source_workload"] == "client");
+    assert_decided(&line, "allow", Some("demo/allow-client"), Some(0));
+    // The source side records no decision: authorization happens at the destination.
+    let out = wait_events(&t.a, 1, |e| e["event"] == "conn_close" && e["direction"] == "outbound");
+    assert_eq!(out.len(), 1, "{:?}", t.a.events());
+    assert_eq!(out[0].get("policy_decision"), Some(&Value::Null), "{}", out[0]);
+
+    // Same namespace, another service account: its verified identity does not match.
+    assert_refused(&t.other, to);
+    let refused = t.record("conn_refused", &t.other, 1);
+    assert_eq!(refused["src_identity"], OTHER_ID, "the principal comes from mTLS: {refused}");
+    assert_denied(&refused, None, None);
+    let failed = wait_events(&t.a, 1, |e| e["event"] == "conn_failed" && e["pod"] == "demo/other");
+    assert_eq!(failed.len(), 1, "{:?}", t.a.events());
+    assert!(failed[0]["reason"].as_str().unwrap_or_default().contains("403"), "{}", failed[0]);
+}
+
+#[test]
+fn deny_by_namespace() {
+    let t = Mesh::start("pns", &[("deny.yaml", DENY_OTHER_NS)]).unwrap();
+    let to = t.addr(ECHO_PORT);
+
+    assert_refused(&t.stranger, to);
+    let refused = t.record("conn_refused", &t.stranger, 1);
+    assert_eq!(refused["src_identity"], STRANGER_ID, "{refused}");
+    assert_denied(&refused, Some("demo/deny-other-ns"), Some(0));
+    t.assert_denials(&[("policy", "demo/deny-other-ns"), ("reason", "deny_policy")], 1.0);
+
+    // A pod of another namespace: no DENY matches, and no ALLOW selects the server.
+    assert_echoes(&t.client, to);
+    let allowed = t.record("conn_close", &t.client, 1);
+    assert_decided(&allowed, "allow", None, None);
+}
+
+#[test]
+fn plaintext_into_permissive_pod_is_matched_by_ip_block() {
+    let allow = format!(
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-outsider-1
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        ipBlocks: ["{OUTSIDER_1}/32"]
+"#
+    );
+    let t = Mesh::start("pip", &[("allow.yaml", &allow)]).unwrap();
+    let (inside, outside) = (&t.outsiders[0], &t.outsiders[1]);
+    let to = t.addr(COUNTED_PORT);
+
+    assert_echoes(inside, to);
+    let allowed = t.record("conn_close", inside, 1);
+    assert_eq!((&allowed["security"], &allowed["src_identity"]), (&"none".into(), &Value::Null), "{allowed}");
+    assert_decided(&allowed, "allow", Some("demo/allow-outsider-1"), Some(0));
+    assert_eq!(t.counted.accepted(), 1, "the app saw the allowed plaintext connection");
+
+    assert_refused(outside, to);
+    let refused = t.record("conn_refused", outside, 1);
+    assert_eq!(refused["security"], "none", "{refused}");
+    assert_denied(&refused, None, None);
+    assert_eq!(t.counted.accepted(), 1, "the denied connection never reached the app");
+}
+
+#[test]
+fn mesh_wide_deny_all_with_namespace_allow() {
+    // ferry-system is the root namespace by default: its policies apply to every namespace.
+    let t = Mesh::start("pwide", &[("allow-nothing.yaml", ALLOW_NOTHING)]).unwrap();
+    let to = t.addr(ECHO_PORT);
+    assert_refused(&t.client, to);
+    assert_denied(&t.record("conn_refused", &t.client, 1), None, None);
+
+    let reload = t.apply("allow-client.yaml", ALLOW_CLIENT);
+    assert_eq!(reload["event"], "reloaded", "{reload}");
+    assert_echoes(&t.client, to);
+    assert_decided(&t.record("conn_close", &t.client, 1), "allow", Some("demo/allow-client"), Some(0));
+    for pod in [&t.other, &t.stranger, &t.outsiders[0]] {
+        assert_refused(pod, to);
+        assert_denied(&t.record("conn_refused", pod, 1), None, None);
+    }
+    t.assert_denials(&[("reason", "no_allow_match")], 4.0);
+}
+
+#[test]
+fn denied_hbone_connect_gets_403_and_app_sees_nothing() {
+    let t = Mesh::start("p403", &[("allow.yaml", ALLOW_CLIENT)]).unwrap();
+    let to = t.addr(COUNTED_PORT);
+    // The counting app does see mesh connections: the client's is allowed.
+    assert_echoes(&t.client, to);
+    assert_eq!(t.counted.accepted(), 1);
+
+    assert_refused(&t.other, to);
+    // The source's agent got 403 for its CONNECT...
+    let failed = wait_events(&t.a, 1, |e| {
+        e["event"] == "conn_failed" && e["pod"] == "demo/other" && e["orig_dst"] == to.to_string()
+    });
+    assert_eq!(failed.len(), 1, "{:?}", t.a.events());
+    assert!(failed[0]["reason"].as_str().unwrap_or_default().contains("403"), "{}", failed[0]);
+    // ...the destination's agent recorded the refusal and never relayed anything...
+    let refused = t.record("conn_refused", &t.other, 1);
+    assert_eq!((&refused["orig_dst"], &refused["src_identity"]), (&to.to_string().into(), &OTHER_ID.into()));
+    assert_denied(&refused, None, None);
+    let opened: Vec<Value> =
+        events_of(&t.b, "conn_open").into_iter().filter(|e| comes_from(e, &t.other)).collect();
+    assert!(opened.is_empty(), "a denied connection is never opened: {opened:?}");
+    // ...and the app never accepted it.
+    assert_eq!(t.counted.accepted(), 1, "the app accepted the denied connection");
+}
+
+#[test]
+fn policy_change_closes_now_denied_connection() {
+    let t = Mesh::start("pchg", &[]).unwrap();
+    let to = t.addr(ECHO_PORT);
+    // `other`'s connection stays allowed by the new set and must survive it.
+    let kept = testapp::connect_held(&t.other, to, &ConnectOpts { bytes: 1000, ..ConnectOpts::default() })
+        .expect("testapp connect started");
+    std::thread::scope(|s| {
+        let doomed = s.spawn(|| exchange(&t.client, to, true));
+        assert_decided(&t.record("conn_open", &t.client, 1), "allow", None, None);
+        t.record("conn_open", &t.other, 1);
+        // The client's connection is relayed end to end: its echo went back.
+        poll(|| {
+            let live = t.cli(&["connections"]);
+            let echoed = live.as_array().into_iter().flatten().any(|c| {
+                c["direction"] == "inbound"
+                    && c["source_identity"] == CLIENT_ID
+                    && c["bytes_sent"].as_u64() >= Some(MESSAGE.len() as u64)
+            });
+            if echoed { Ok(()) } else { Err(format!("no echoing client connection in {live:#}")) }
+        });
+
+        let reload = t.apply("deny-client.yaml", DENY_CLIENT);
+        assert_eq!(reload["event"], "reloaded", "{reload}");
+        let seen = doomed.join().expect("the client thread");
+        assert!(
+            matches!(seen.ended, Ended::Eof | Ended::Error(_)),
+            "the client's connection was closed: {seen:?}"
+        );
+    });
+    let closed = t.record("conn_close", &t.client, 1);
+    let reason = closed["close_reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("closed by policy change: denied"), "{closed}");
+    assert!(reason.contains("demo/deny-client"), "names the policy: {closed}");
+
+    let report = kept.release().unwrap();
+    assert_eq!((report.ok, report.failed), (1, 0), "the still-allowed connection survived: {report:?}");
+    assert_decided(&t.record("conn_close", &t.other, 1), "allow", None, None);
+    // New connections of the client are denied too.
+    assert_refused(&t.client, to);
+    assert_denied(&t.record("conn_refused", &t.client, 1), Some("demo/deny-client"), Some(0));
+}
+
+#[test]
+fn invalid_policy_on_reload_keeps_running_set() {
+    let t = Mesh::start("pbad", &[("policies.yaml", ALLOW_CLIENT)]).unwrap();
+    let to = t.addr(ECHO_PORT);
+    assert_echoes(&t.client, to);
+    assert_refused(&t.other, to);
+
+    // Document 1 would also let `other` in; document 2 is invalid, so neither applies.
+    let widened = ALLOW_CLIENT.replace(
+        r#"principals: ["cluster.local/ns/demo/sa/client"]"#,
+        r#"principals: ["cluster.local/ns/demo/sa/client", "cluster.local/ns/demo/sa/other"]"#,
+    );
+    let bad = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: bad-block
+  namespace: demo
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        ipBlocks: ["10.0.0.300"]
+"#;
+    let rejected = t.apply("policies.yaml", &format!("{widened}---\n{bad}"));
+    assert_eq!(rejected["event"], "reload_rejected", "{rejected}");
+    let error = rejected["error"].as_str().unwrap_or_default();
+    let file: PathBuf = t.policies.path().join("policies.yaml");
+    for part in [
+        &file.display().to_string(),
+        "document 2",
+        "demo/bad-block",
+        "spec.rules[0].from[0].source.ipBlocks[0]",
+        "10.0.0.300",
+    ] {
+        assert!(error.contains(part), "the error names {part:?}: {error}");
+    }
+
+    // The running set is the old one: the client still gets in, `other` is still denied.
+    assert_echoes(&t.client, to);
+    assert_refused(&t.other, to);
+    assert_denied(&t.record("conn_refused", &t.other, 2), None, None);
+    let listed = t.cli(&["policies"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed:#}");
+    let p = &listed[0];
+    assert_eq!(
+        (&p["namespace"], &p["name"], &p["dry_run"]),
+        (&"demo".into(), &"allow-client".into(), &false.into())
+    );
+    assert!(is_action(&p["action"], "ALLOW"), "{p}");
+    assert_eq!(p["workloads"], json!(["demo/server"]), "{p}");
+    assert_eq!(p["rules"].as_array().map(Vec::len), Some(1), "{p}");
+    assert_eq!((&p["rules"][0]["index"], &p["rules"][0]["enforcement"]), (&0.into(), &"L4".into()), "{p}");
+}
+
+#[test]
+fn trace_explains_allow_and_deny() {
+    let both = format!("{ALLOW_CLIENT}---\n{DENY_OTHER_NS}");
+    let t = Mesh::start("ptrace", &[("policies.yaml", &both)]).unwrap();
+    let by_name = format!("demo/server:{ECHO_PORT}");
+    let by_addr = t.addr(ECHO_PORT).to_string();
+    let assert_trace = |trace: &Value, decision: &str, policy: Option<&str>, rule: Option<u64>| {
+        assert_eq!((&trace["decision"], &trace["policy"]), (&decision.into(), &json!(policy)), "{trace:#}");
+        assert_eq!(trace["rule"], json!(rule), "{trace:#}");
+        assert_eq!(
+            trace["policies"].as_array().map(Vec::len),
+            Some(2),
+            "both policies considered: {trace:#}"
+        );
+    };
+    let assert_considered = |trace: &Value, policy: &str, action: &str, matched: bool| {
+        let p = entry(&trace["policies"], "policy", policy);
+        assert!(is_action(&p["action"], action), "{p}");
+        assert_eq!(p["matched"], matched, "{p}");
+        assert!(p["why"].as_str().is_some_and(|w| !w.is_empty()), "says why: {p}");
+    };
+
+    for (src, dest) in [("demo/client", &by_name), (CLIENT_ID, &by_addr)] {
+        let allow = t.trace(src, dest);
+        assert_trace(&allow, "allow", Some("demo/allow-client"), Some(0));
+        assert_considered(&allow, "demo/allow-client", "ALLOW", true);
+        assert_considered(&allow, "demo/deny-other-ns", "DENY", false);
+    }
+    let deny = t.trace(STRANGER_ID, &by_addr);
+    assert_trace(&deny, "deny", Some("demo/deny-other-ns"), Some(0));
+    assert_considered(&deny, "demo/deny-other-ns", "DENY", true);
+    for src in ["demo/other".to_owned(), t.outsiders[0].ipv4().to_string()] {
+        let unmatched = t.trace(&src, &by_name);
+        assert_trace(&unmatched, "deny", None, None);
+        assert_considered(&unmatched, "demo/allow-client", "ALLOW", false);
+    }
+
+    // What the agent enforces is what trace said.
+    assert_echoes(&t.client, t.addr(ECHO_PORT));
+    assert_refused(&t.stranger, t.addr(ECHO_PORT));
+    assert_denied(&t.record("conn_refused", &t.stranger, 1), Some("demo/deny-other-ns"), Some(0));
+}
+
+#[test]
+fn dry_run_policy_logs_but_allows() {
+    // DENY_CLIENT, annotated as Istio's docs annotate a policy to try it out.
+    let dry_run = DENY_CLIENT.replace(
+        "  namespace: demo\n",
+        "  namespace: demo\n  annotations:\n    \"istio.io/dry-run\": \"true\"\n",
+    );
+    assert!(dry_run.contains("istio.io/dry-run"), "{dry_run}");
+    let t = Mesh::start("pdry", &[("dry-run.yaml", &dry_run)]).unwrap();
+    assert_echoes(&t.client, t.addr(ECHO_PORT));
+    let record = t.record("conn_close", &t.client, 1);
+    let line = access_line(&t.b, |l| l["reporter"] == "destination" && l["source_workload"] == "client");
+    for e in [&record, &line] {
+        assert_decided(e, "allow", None, None);
+        let would = &e["dry_run"];
+        assert_eq!((&would["decision"], &would["policy"]), (&"deny".into(), &"demo/deny-client".into()));
+        assert_eq!(would["rule"], 0, "{e}");
+    }
+    let listed = t.cli(&["policies"]);
+    let p = entry(&listed, "name", "deny-client");
+    assert_eq!(p["dry_run"], true, "{p}");
+    assert!(is_action(&p["action"], "DENY"), "{p}");
+}
