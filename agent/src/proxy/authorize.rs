@@ -131,7 +131,7 @@ impl ProxyShared {
             self.metrics.denied(&meta.labels, rec.policy.as_deref().unwrap_or(""), rec.reason.as_str());
             let text = format!("closed by policy change: {}", denial_text(&rec));
             tracing::info!(id = meta.id, pod = %meta.pod, src = %meta.src, reason = %text, "closing connection");
-            Some(text)
+            Some((text, rec))
         })
     }
 }
@@ -148,5 +148,134 @@ fn log_side_effects(rec: &AuthzRecord, subject: &AuthzSubject) {
         tracing::info!(would = dry.verdict.as_str(), policy = ?dry.policy, workload = %subject.workload,
             src = ?subject.source_ip, peer = ?subject.peer.as_ref().map(|p| p.as_str()),
             "dry-run policies would decide otherwise");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, sync::Arc};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{
+        admin::model::Direction,
+        config::MeshConfig,
+        events::EventSink,
+        metrics::{BuildInfo, ConnLabels, Metrics, Reporter, SecurityPolicy},
+        proxy::{MeshState, ProxyPorts, Sinks, orig_dst::OrigDst, relay::CloseReason},
+    };
+
+    const MESH: &str = "node = \"n\"\n[[pods]]\nname = \"echo\"\nnamespace = \"demo\"\nservice_account = \"echo\"\n\
+                        node = \"m\"\nips = [\"10.1.0.2\"]\n";
+    const DENY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-lan, namespace: demo}\n\
+                        spec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.9.0.0/16\"]\n";
+
+    fn state(policies: &str) -> MeshState {
+        let config = MeshConfig::parse(MESH).expect("mesh");
+        MeshState::new(
+            config,
+            Ok(crate::policy::parse_file(Path::new("p.yaml"), policies).expect("policies")),
+        )
+    }
+
+    fn meta() -> ConnMeta {
+        ConnMeta {
+            id: 7,
+            direction: Direction::Inbound,
+            pod: "demo/echo".into(),
+            src: "10.9.0.1:40000".parse().expect("addr"),
+            src_pod: None,
+            original_dst: "10.1.0.2:8080".parse().expect("addr"),
+            endpoint: None,
+            endpoint_pod: None,
+            service: None,
+            source_identity: None,
+            destination_identity: None,
+            security: SecurityPolicy::None,
+            labels: ConnLabels::unknown(Reporter::Destination),
+            authz: None,
+            subject: None,
+        }
+    }
+
+    fn subject(src: &str) -> AuthzSubject {
+        AuthzSubject {
+            workload: "demo/echo".into(),
+            source_ip: Some(src.parse().expect("ip")),
+            peer: None,
+            destination: "10.1.0.2:8080".parse().expect("addr"),
+        }
+    }
+
+    fn shared(policies: &str) -> Arc<ProxyShared> {
+        let metrics = Arc::new(Metrics::new(&BuildInfo::current()).expect("metrics"));
+        let sink = || EventSink::open(None).expect("sink");
+        let sinks = Sinks { events: sink(), access_log: sink(), metrics };
+        let ports = ProxyPorts { outbound: 15001, inbound: 15006, tunnel: 15008 };
+        Arc::new(ProxyShared::new(OrigDst::Netfilter, sinks, ports, None, state(policies)))
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_closes_what_it_now_denies_and_keeps_the_rest() {
+        let shared = shared("");
+        let mut allowed = meta();
+        shared.authorize(&mut allowed, subject("10.9.0.1")).expect("no policy: allowed");
+        assert_eq!(allowed.authz.as_ref().map(|a| a.verdict), Some(Verdict::Allow));
+        let mut other = meta();
+        other.id = 8;
+        shared.authorize(&mut other, subject("10.8.0.1")).expect("allowed");
+
+        let (mut app_side, mut down) = tokio::io::duplex(64);
+        let (mut up, _peer) = tokio::io::duplex(64);
+        let relayed = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let conn = shared.open_conn(allowed);
+                let reason = conn.relay(&mut down, &mut up, conn.stats()).await;
+                conn.close(&reason);
+                reason
+            })
+        };
+        let kept = shared.open_conn(other);
+        app_side.write_all(b"x").await.expect("write");
+        while shared.conns.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+
+        shared.set_state(state(DENY));
+        assert_eq!(shared.recheck_connections(), 1, "only the 10.9/16 connection is denied now");
+        let reason = relayed.await.expect("relay task");
+        assert_eq!(
+            reason,
+            CloseReason::Closed("closed by policy change: denied by policy demo/deny-lan rule 0".into())
+        );
+        assert_eq!(shared.conns.len(), 1, "the other connection lives on");
+        assert_eq!(shared.recheck_connections(), 0, "nothing else to close");
+        kept.close(&CloseReason::Eof);
+        let mut rest = Vec::new();
+        let _ = app_side.read_to_end(&mut rest).await;
+
+        let mut denied = meta();
+        let err = shared.authorize(&mut denied, subject("10.9.3.3")).expect_err("denied now");
+        assert_eq!(err, "denied by policy demo/deny-lan rule 0");
+        let record = denied.record();
+        assert_eq!(record["policy_decision"], "deny");
+        assert_eq!(record["policy"], "demo/deny-lan");
+        assert_eq!(record["policy_rule"], 0);
+    }
+
+    #[tokio::test]
+    async fn a_set_that_failed_to_load_denies_and_says_why() {
+        let shared = shared("");
+        shared.set_state(MeshState::new(MeshConfig::parse(MESH).expect("mesh"), Err("bad file".into())));
+        let err = shared.authorize(&mut meta(), subject("10.8.0.1")).expect_err("fail closed");
+        assert!(err.contains("failed to load"), "{err}");
+        let mut unknown = meta();
+        shared.set_state(state(""));
+        let mut s = subject("10.8.0.1");
+        s.workload = "demo/nowhere".into();
+        let err = shared.authorize(&mut unknown, s).expect_err("unknown workload");
+        assert!(err.contains("not a workload this node can place"), "{err}");
     }
 }

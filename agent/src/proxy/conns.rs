@@ -60,21 +60,29 @@ pub struct ConnMeta {
 impl ConnMeta {
     /// The event record: the fields the events file and the access log share.
     pub fn record(&self) -> Value {
-        json!({
+        let mut record = json!({
             "id": self.id, "direction": self.direction.as_str(), "pod": self.pod,
             "src": self.src.to_string(), "src_pod": self.src_pod, "orig_dst": self.original_dst.to_string(),
             "endpoint": self.endpoint.map(|e| e.to_string()), "endpoint_pod": self.endpoint_pod,
             "service": self.service, "security": security_str(self.security),
             "src_identity": self.source_identity, "dst_identity": self.destination_identity,
-            "policy_decision": self.authz.as_ref().map(|a| a.verdict.as_str()),
-            "policy": self.authz.as_ref().and_then(|a| a.policy.clone()),
-            "policy_rule": self.authz.as_ref().and_then(|a| a.rule),
-            "dry_run": self.authz.as_ref().and_then(|a| a.dry_run.as_ref()).map(|d| json!({
-                "decision": d.verdict.as_str(), "policy": d.policy, "rule": d.rule,
-            })),
-            "audit": self.authz.as_ref().and_then(|a| a.audit.clone()),
-        })
+        });
+        extend(&mut record, authz_fields(self.authz.as_ref()));
+        record
     }
+}
+
+/// The policy fields of a record; all `null` for records without a decision (outbound).
+fn authz_fields(authz: Option<&AuthzRecord>) -> Value {
+    json!({
+        "policy_decision": authz.map(|a| a.verdict.as_str()),
+        "policy": authz.and_then(|a| a.policy.clone()),
+        "policy_rule": authz.and_then(|a| a.rule),
+        "dry_run": authz.and_then(|a| a.dry_run.as_ref()).map(|d| json!({
+            "decision": d.verdict.as_str(), "policy": d.policy, "rule": d.rule,
+        })),
+        "audit": authz.and_then(|a| a.audit.clone()),
+    })
 }
 
 fn security_str(s: SecurityPolicy) -> &'static str {
@@ -98,13 +106,14 @@ struct Live {
 #[derive(Default)]
 struct Closer {
     notify: tokio::sync::Notify,
-    reason: std::sync::OnceLock<String>,
+    reason: std::sync::OnceLock<(String, AuthzRecord)>,
 }
 
 impl Closer {
-    /// Asks the relay to stop; the first reason given is the one recorded.
-    fn close(&self, reason: String) {
-        if self.reason.set(reason).is_ok() {
+    /// Asks the relay to stop; the first reason given is the one recorded, with the decision that
+    /// closed it.
+    fn close(&self, reason: String, decision: AuthzRecord) {
+        if self.reason.set((reason, decision)).is_ok() {
             // notify_one keeps a permit if the relay is not waiting yet, so the close is never lost.
             self.notify.notify_one();
         }
@@ -113,7 +122,7 @@ impl Closer {
     /// Resolves once [`Closer::close`] was called, with its reason.
     async fn closed(&self) -> String {
         loop {
-            if let Some(reason) = self.reason.get() {
+            if let Some((reason, _)) = self.reason.get() {
                 return reason.clone();
             }
             self.notify.notified().await;
@@ -147,16 +156,19 @@ impl ConnTable {
     }
 
     /// Closes every live connection whose re-checked subject `deny` turns down (returning the close
-    /// reason); returns how many were closed.
-    pub fn close_where(&self, mut deny: impl FnMut(&ConnMeta, &AuthzSubject) -> Option<String>) -> usize {
+    /// reason and the decision); returns how many were closed.
+    pub fn close_where(
+        &self,
+        mut deny: impl FnMut(&ConnMeta, &AuthzSubject) -> Option<(String, AuthzRecord)>,
+    ) -> usize {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
         for l in live.values() {
             if let Some(subject) = &l.meta.subject
                 && l.closer.reason.get().is_none()
-                && let Some(reason) = deny(&l.meta, subject)
+                && let Some((reason, decision)) = deny(&l.meta, subject)
             {
-                l.closer.close(reason);
+                l.closer.close(reason, decision);
                 closed += 1;
             }
         }
@@ -238,6 +250,10 @@ impl OpenConn<'_> {
             return;
         }
         let mut record = self.live.meta.record();
+        if let Some((_, decision)) = self.live.closer.reason.get() {
+            // Closed by a policy change: the record says which decision ended it.
+            extend(&mut record, authz_fields(Some(decision)));
+        }
         extend(
             &mut record,
             json!({ "duration_ms": duration.as_secs_f64() * 1000.0, "close_reason": reason.to_string() }),
