@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod enroll;
 pub mod events;
 pub mod hbone;
+pub mod http;
 pub mod identity;
 pub mod introspect;
 pub mod memory;

@@ -6,17 +6,18 @@
 mod common;
 
 use std::io::{ErrorKind, Read as _, Write as _};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use common::*;
+use ferry_tests::control::{ferry, next_reload};
 use ferry_tests::counting_server::CountingServer;
 use ferry_tests::netns::in_netns;
+use ferry_tests::policy_dir::PolicyDir;
 use ferry_tests::testapp::{self, ConnectOpts};
-use ferry_tests::{Agent, ChildGuard, MeshFile, NodeLink, Pod, SimNode, bin_path, link_nodes};
+use ferry_tests::{Agent, ChildGuard, MeshFile, NodeLink, Pod, SimNode, link_nodes};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -29,6 +30,8 @@ const ECHO_PORT: u16 = SERVER_PORT;
 const COUNTED_PORT: u16 = 9090;
 /// outsider-1's address: node-b's pods get 10.233.2.2 (server), .3 and .4 in the order they are added.
 const OUTSIDER_1: &str = "10.233.2.3";
+/// outsider-1's IPv6 address (fd00:233:2::2 is the server's).
+const OUTSIDER_1_V6: &str = "fd00:233:2::3";
 /// What [`exchange`] sends.
 const MESSAGE: &[u8] = b"ferry policy probe";
 /// How long a held [`exchange`] waits for its connection to end.
@@ -97,36 +100,84 @@ spec:
         principals: ["cluster.local/ns/demo/sa/client"]
 "#;
 
+/// AUDIT the client's connections to the echo workload: logged, never deciding.
+const AUDIT_CLIENT: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: audit-client
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: AUDIT
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/client"]
+"#;
+
+/// ALLOW `other`'s GET requests to the echo workload: an HTTP field, which plain TCP lacks.
+const ALLOW_OTHER_GET: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-other-get
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/other"]
+    to:
+    - operation:
+        methods: ["GET"]
+"#;
+
+/// DENY requests for /admin paths on the counted port: its L4 part (the port) decides on TCP.
+const DENY_ADMIN_PATH: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-admin-path
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        ports: ["9090"]
+        paths: ["/admin", "/admin/*"]
+"#;
+
 // ---- The topology.
 
-/// A directory of policy files that both agents' mesh files name.
-struct PolicyDir(tempfile::TempDir);
-
-impl PolicyDir {
-    fn new() -> Result<Self> {
-        Ok(Self(tempfile::Builder::new().prefix("ferry-policies-").tempdir()?))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-
-    /// Writes `file` whole: first to a dot-file (which the agent skips), then renamed into place.
-    fn write(&self, file: &str, yaml: &str) -> Result<()> {
-        let tmp = self.path().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, self.path().join(file)).with_context(|| format!("cannot place {file}"))
-    }
+/// Where [`Mesh`]'s server runs, and so which agent decides its inbound connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// On node-b: the mesh clients reach it through the HBONE tunnel; node-b's agent decides.
+    Remote,
+    /// On node-a with the mesh clients, whose agent has `[datapath] local_shortcut = true`: it
+    /// joins them over the node-local shortcut and decides.
+    Local,
 }
 
 /// Two linked nodes with one CA. node-a: `client` (namespace demo, service account client),
-/// `other` (demo, other) and `stranger` (other-ns, stranger). node-b: `server` (demo, echo,
-/// labels app=echo, PERMISSIVE) with `ferry-testapp serve` on [`ECHO_PORT`] and a
-/// [`CountingServer`] on [`COUNTED_PORT`], and two `outsiders` that are not in the mesh. Fields
-/// drop in order: the agents first, the nodes last.
+/// `other` (demo, other) and `stranger` (other-ns, stranger). node-b (or node-a, see [`At`]):
+/// `server` (demo, echo, labels app=echo, PERMISSIVE) with `ferry-testapp serve` on [`ECHO_PORT`]
+/// and a [`CountingServer`] on [`COUNTED_PORT`]. node-b: two `outsiders` that are not in the
+/// mesh. Fields drop in order: the agents first, the nodes last.
 struct Mesh {
     a: Agent,
     b: Agent,
+    at: At,
+    /// node-a's mesh file, to change it.
+    mesh_a: MeshFile,
     client: Pod,
     other: Pod,
     stranger: Pod,
@@ -137,45 +188,59 @@ struct Mesh {
     _ca: tempfile::TempDir,
     _echo: ChildGuard,
     _link: NodeLink,
-    _node_a: SimNode,
+    node_a: SimNode,
     node_b: SimNode,
 }
 
 impl Mesh {
-    /// Builds the nodes, writes `policies` (file name, YAML) into the policy directory, starts
-    /// the servers and then both agents.
+    /// [`Mesh::start_at`] with the server on node-b.
     fn start(name: &str, policies: &[(&str, &str)]) -> Result<Self> {
+        Self::start_at(name, At::Remote, policies)
+    }
+
+    /// Builds the nodes with the server where `at` says, writes `policies` (file name, YAML) into
+    /// the policy directory, starts the servers and then both agents.
+    fn start_at(name: &str, at: At, policies: &[(&str, &str)]) -> Result<Self> {
         let mut node_a = SimNode::new(&format!("{name}a"), 1)?;
         let mut node_b = SimNode::new(&format!("{name}b"), 2)?;
         let link = link_nodes(&node_a, &node_b)?;
         let client = node_a.add_pod("client")?;
         let other = node_a.add_pod("other")?;
         let stranger = node_a.add_pod("stranger")?;
-        let server = node_b.add_pod("server")?;
+        let (server, server_node) = match at {
+            At::Remote => (node_b.add_pod("server")?, "node-b"),
+            At::Local => (node_a.add_pod("server")?, "node-a"),
+        };
         let outsiders = vec![node_b.add_pod("outsider-1")?, node_b.add_pod("outsider-2")?];
-        ensure!(outsiders[0].ipv4().to_string() == OUTSIDER_1, "outsider-1 is at {}", outsiders[0].ipv4());
+        if at == At::Remote {
+            let (v4, v6) = (outsiders[0].ipv4().to_string(), outsiders[0].ipv6().to_string());
+            ensure!((v4.as_str(), v6.as_str()) == (OUTSIDER_1, OUTSIDER_1_V6), "outsider-1 is at {v4}, {v6}");
+        }
         let echo = serve(&server, ECHO_PORT, "server")?;
         let counted = CountingServer::start(&server, COUNTED_PORT, "counted")?;
-        let dir = PolicyDir::new()?;
-        for (file, yaml) in policies {
-            dir.write(file, yaml)?;
-        }
+        let dir = PolicyDir::with_files(policies)?;
         let ca = ferry_tests::ca::make_ca("cluster.local", &["node-a", "node-b"])?;
         let mesh_for = |node: &str| {
             let mut mesh = MeshFile::new(node);
             mesh.ca(&ca.path().join("nodes").join(node), None).policies(dir.path());
+            if at == At::Local {
+                mesh.local_shortcut(true);
+            }
             mesh.pod(&client, "demo", "client").node("node-a");
             mesh.pod(&other, "demo", "other").node("node-a");
             mesh.pod(&stranger, "other-ns", "stranger").node("node-a");
-            mesh.pod(&server, "demo", "echo").node("node-b").mode("permissive").labels(&[("app", "echo")]);
-            mesh.to_toml()
+            mesh.pod(&server, "demo", "echo").node(server_node).mode("permissive").labels(&[("app", "echo")]);
+            mesh
         };
-        let agent = |node: &SimNode, name: &str| {
-            Agent::start(node, &mesh_for(name)).with_context(|| format!("agent on {name}"))
+        let agent = |node: &SimNode, mesh: &MeshFile| {
+            Agent::start(node, &mesh.to_toml()).with_context(|| format!("agent on {}", node.name()))
         };
+        let mesh_a = mesh_for("node-a");
         Ok(Self {
-            a: agent(&node_a, "node-a")?,
-            b: agent(&node_b, "node-b")?,
+            a: agent(&node_a, &mesh_a)?,
+            b: agent(&node_b, &mesh_for("node-b"))?,
+            at,
+            mesh_a,
             client,
             other,
             stranger,
@@ -186,9 +251,17 @@ impl Mesh {
             _ca: ca,
             _echo: echo,
             _link: link,
-            _node_a: node_a,
+            node_a,
             node_b,
         })
+    }
+
+    /// The agent that decides the server's inbound connections, and its node.
+    fn dest(&self) -> (&Agent, &SimNode) {
+        match self.at {
+            At::Remote => (&self.b, &self.node_b),
+            At::Local => (&self.a, &self.node_a),
+        }
     }
 
     /// The server's IPv4 address with `port`.
@@ -196,48 +269,48 @@ impl Mesh {
         SocketAddr::new(self.server.ipv4().into(), port)
     }
 
-    /// Writes policy `file` and returns node-b's next reload outcome (`reloaded` or
-    /// `reload_rejected`).
-    fn apply(&self, file: &str, yaml: &str) -> Value {
-        let outcome = |e: &Value| e["event"] == "reloaded" || e["event"] == "reload_rejected";
-        let before = self.b.events().iter().filter(|e| outcome(e)).count();
-        self.policies.write(file, yaml).expect("writing a policy file");
-        let seen = wait_events(&self.b, before + 1, outcome);
-        assert!(seen.len() > before, "node-b's agent did not react to {file}: {:?}", self.b.events());
-        seen[before].clone()
+    /// The server's IPv6 address with `port`.
+    fn addr_v6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.server.ipv6().into(), port)
     }
 
-    /// The `n`-th (from 1) inbound `kind` record on node-b's agent of a connection from `from`.
+    /// Writes policy `file` and returns the deciding agent's next reload outcome (`reloaded` or
+    /// `reload_rejected`).
+    fn apply(&self, file: &str, yaml: &str) -> Value {
+        next_reload(self.dest().0, || self.policies.write(file, yaml))
+            .unwrap_or_else(|e| panic!("applying {file}: {e:#}"))
+    }
+
+    /// Turns node-a's node-local shortcut on or off by rewriting its mesh file (a hot reload).
+    fn set_local_shortcut(&self, on: bool) {
+        let mut mesh = self.mesh_a.clone();
+        mesh.local_shortcut(on);
+        let reload = next_reload(&self.a, || self.a.write_mesh(&mesh.to_toml())).unwrap();
+        assert_eq!(reload["event"], "reloaded", "{reload}");
+    }
+
+    /// The `n`-th (from 1) inbound `kind` record on the deciding agent of a connection from `from`.
     fn record(&self, kind: &str, from: &Pod, n: usize) -> Value {
+        let agent = self.dest().0;
         let pred = |e: &Value| e["event"] == kind && e["direction"] == "inbound" && comes_from(e, from);
-        let found = wait_events(&self.b, n, pred);
-        assert!(found.len() >= n, "no {kind} #{n} from {}: {:?}", from.name(), self.b.events());
+        let found = wait_events(agent, n, pred);
+        assert!(found.len() >= n, "no {kind} #{n} from {}: {:?}", from.name(), agent.events());
         found[n - 1].clone()
     }
 
-    /// `ferry ARGS -o json` against node-b's agent.
+    /// `ferry ARGS -o json` against the deciding agent.
     fn cli(&self, args: &[&str]) -> Value {
-        let out = Command::new(bin_path("ferry"))
-            .arg("--admin-socket")
-            .arg(self.b.admin_socket())
-            .args(args)
-            .args(["-o", "json"])
-            .env_remove("FERRY_ADMIN_SOCKET")
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run the ferry CLI");
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "ferry {args:?} failed ({}): {stdout}{stderr}", out.status);
+        let stdout = ferry(self.dest().0, &[args, &["-o", "json"]].concat()).unwrap();
         serde_json::from_str(&stdout)
             .unwrap_or_else(|e| panic!("ferry {args:?} printed bad JSON ({e}): {stdout}"))
     }
 
-    /// `ferry trace SRC DEST -o json` against node-b's agent.
+    /// `ferry trace SRC DEST -o json` against the deciding agent.
     fn trace(&self, src: &str, dest: &str) -> Value {
         self.cli(&["trace", src, dest])
     }
 
-    /// Waits until node-b's agent counts `want` denials of the server with these extra labels.
+    /// Waits until the deciding agent counts `want` denials of the server with these extra labels.
     fn assert_denials(&self, labels: &[(&str, &str)], want: f64) {
         let mut wanted = vec![
             "reporter=\"destination\"".to_owned(),
@@ -246,7 +319,7 @@ impl Mesh {
         ];
         wanted.extend(labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")));
         poll(|| {
-            let lines = denial_series(&self.node_b);
+            let lines = denial_series(self.dest().1);
             let value = lines
                 .iter()
                 .find(|l| wanted.iter().all(|w| l.contains(w.as_str())))
@@ -260,11 +333,12 @@ impl Mesh {
     }
 }
 
-/// Whether record `e` is of a connection from `pod`: by its source pod, else its source address.
+/// Whether record `e` is of a connection from `pod`: by its source pod, else its source address
+/// (either family).
 fn comes_from(e: &Value, pod: &Pod) -> bool {
     let name = e["src_pod"].as_str().and_then(|p| p.split_once('/')).map(|(_, name)| name);
-    let ip = e["src"].as_str().and_then(|s| s.parse::<SocketAddr>().ok()).map(|a| a.ip());
-    name == Some(pod.name()) || ip == Some(pod.ipv4().into())
+    let ip = e["src"].as_str().and_then(|s| s.parse::<SocketAddr>().ok()).map(|a| a.ip().to_canonical());
+    name == Some(pod.name()) || ip == Some(pod.ipv4().into()) || ip == Some(pod.ipv6().into())
 }
 
 /// Retries `probe` until it succeeds, for up to [`EVENT_WAIT`]; panics with its last complaint.
@@ -447,6 +521,19 @@ fn deny_by_namespace() {
 
 #[test]
 fn plaintext_into_permissive_pod_is_matched_by_ip_block() {
+    assert_plaintext_matched_by_ip_block("pip", OUTSIDER_1.parse().unwrap());
+}
+
+#[test]
+fn plaintext_over_ipv6_is_matched_by_ipv6_block() {
+    assert_plaintext_matched_by_ip_block("pip6", OUTSIDER_1_V6.parse().unwrap());
+}
+
+/// With outsider-1 alone allowed by an ipBlock of its address `ip`: plaintext from it to the
+/// server's address of that family gets in; the other outsider, and outsider-1 itself over the
+/// other family (which the block does not cover), are refused before the app sees them.
+fn assert_plaintext_matched_by_ip_block(name: &str, ip: IpAddr) {
+    let prefix = if ip.is_ipv6() { 128 } else { 32 };
     let allow = format!(
         r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -461,24 +548,32 @@ spec:
   rules:
   - from:
     - source:
-        ipBlocks: ["{OUTSIDER_1}/32"]
+        ipBlocks: ["{ip}/{prefix}"]
 "#
     );
-    let t = Mesh::start("pip", &[("allow.yaml", &allow)]).unwrap();
+    let t = Mesh::start(name, &[("allow.yaml", &allow)]).unwrap();
     let (inside, outside) = (&t.outsiders[0], &t.outsiders[1]);
-    let to = t.addr(COUNTED_PORT);
+    let (to, other_family) = if ip.is_ipv6() {
+        (t.addr_v6(COUNTED_PORT), t.addr(COUNTED_PORT))
+    } else {
+        (t.addr(COUNTED_PORT), t.addr_v6(COUNTED_PORT))
+    };
 
     assert_echoes(inside, to);
     let allowed = t.record("conn_close", inside, 1);
     assert_eq!((&allowed["security"], &allowed["src_identity"]), (&"none".into(), &Value::Null), "{allowed}");
+    let src = allowed["src"].as_str().and_then(|s| s.parse::<SocketAddr>().ok()).map(|a| a.ip());
+    assert_eq!(src, Some(ip), "decided on the client's own address: {allowed}");
     assert_decided(&allowed, "allow", Some("demo/allow-outsider-1"), Some(0));
     assert_eq!(t.counted.accepted(), 1, "the app saw the allowed plaintext connection");
 
-    assert_refused(outside, to);
-    let refused = t.record("conn_refused", outside, 1);
-    assert_eq!(refused["security"], "none", "{refused}");
-    assert_denied(&refused, None, None);
-    assert_eq!(t.counted.accepted(), 1, "the denied connection never reached the app");
+    for (from, to) in [(outside, to), (inside, other_family)] {
+        assert_refused(from, to);
+        let refused = t.record("conn_refused", from, 1);
+        assert_eq!(refused["security"], "none", "{refused}");
+        assert_denied(&refused, None, None);
+        assert_eq!(t.counted.accepted(), 1, "the denied connection to {to} never reached the app");
+    }
 }
 
 #[test]
@@ -529,6 +624,21 @@ fn denied_hbone_connect_gets_403_and_app_sees_nothing() {
 #[test]
 fn policy_change_closes_now_denied_connection() {
     let t = Mesh::start("pchg", &[]).unwrap();
+    let closed = assert_policy_change_closes_the_clients(&t);
+    assert_eq!(closed["security"], "mutual_tls", "{closed}");
+}
+
+#[test]
+fn policy_change_closes_now_denied_shortcut_connection() {
+    let t = Mesh::start_at("plchg", At::Local, &[]).unwrap();
+    let closed = assert_policy_change_closes_the_clients(&t);
+    assert_eq!(closed["security"], "node_local", "{closed}");
+}
+
+/// Starting without policies: a held connection of `other` and one of the client are relayed; then
+/// DENY_CLIENT arrives. The client's connection is closed with a reason naming the policy, `other`'s
+/// lives on, and the client's new connections are refused. Returns the closed connection's record.
+fn assert_policy_change_closes_the_clients(t: &Mesh) -> Value {
     let to = t.addr(ECHO_PORT);
     // `other`'s connection stays allowed by the new set and must survive it.
     let kept = testapp::connect_held(&t.other, to, &ConnectOpts { bytes: 1000, ..ConnectOpts::default() })
@@ -537,13 +647,12 @@ fn policy_change_closes_now_denied_connection() {
         let doomed = s.spawn(|| exchange(&t.client, to, true));
         assert_decided(&t.record("conn_open", &t.client, 1), "allow", None, None);
         t.record("conn_open", &t.other, 1);
-        // The client's connection is relayed end to end: its echo went back.
+        // The client's connection is relayed end to end: its bytes went through. (Over the shortcut
+        // the outbound record counts them while it lives, the inbound one only at its close.)
         poll(|| {
             let live = t.cli(&["connections"]);
             let echoed = live.as_array().into_iter().flatten().any(|c| {
-                c["direction"] == "inbound"
-                    && c["source_identity"] == CLIENT_ID
-                    && c["bytes_sent"].as_u64() >= Some(MESSAGE.len() as u64)
+                c["source_identity"] == CLIENT_ID && c["bytes_sent"].as_u64() >= Some(MESSAGE.len() as u64)
             });
             if echoed { Ok(()) } else { Err(format!("no echoing client connection in {live:#}")) }
         });
@@ -560,6 +669,8 @@ fn policy_change_closes_now_denied_connection() {
     let reason = closed["close_reason"].as_str().unwrap_or_default();
     assert!(reason.starts_with("closed by policy change: denied"), "{closed}");
     assert!(reason.contains("demo/deny-client"), "names the policy: {closed}");
+    // The record carries the decision that closed it.
+    assert_decided(&closed, "deny", Some("demo/deny-client"), Some(0));
 
     let report = kept.release().unwrap();
     assert_eq!((report.ok, report.failed), (1, 0), "the still-allowed connection survived: {report:?}");
@@ -567,6 +678,7 @@ fn policy_change_closes_now_denied_connection() {
     // New connections of the client are denied too.
     assert_refused(&t.client, to);
     assert_denied(&t.record("conn_refused", &t.client, 1), Some("demo/deny-client"), Some(0));
+    closed
 }
 
 #[test]
@@ -689,4 +801,90 @@ fn dry_run_policy_logs_but_allows() {
     let p = entry(&listed, "name", "deny-client");
     assert_eq!(p["dry_run"], true, "{p}");
     assert!(is_action(&p["action"], "DENY"), "{p}");
+}
+
+#[test]
+fn local_shortcut_reaches_the_same_decision() {
+    let t = Mesh::start_at("plocal", At::Local, &[("allow.yaml", ALLOW_CLIENT)]).unwrap();
+    let to = t.addr(COUNTED_PORT);
+    let by_name = format!("demo/server:{COUNTED_PORT}");
+    // The same two pairs twice: over the shortcut, then (the shortcut turned off) over the tunnel.
+    for (n, security, transport) in [(1, "node_local", "local"), (2, "mutual_tls", "hbone")] {
+        if n == 2 {
+            t.set_local_shortcut(false);
+        }
+        assert_echoes(&t.client, to);
+        let allowed = t.record("conn_close", &t.client, n);
+        assert_eq!((&allowed["security"], &allowed["src_identity"]), (&security.into(), &CLIENT_ID.into()));
+        assert_decided(&allowed, "allow", Some("demo/allow-client"), Some(0));
+        assert_eq!(t.counted.accepted(), n, "the app accepted the client's connection");
+
+        assert_refused(&t.other, to);
+        let refused = t.record("conn_refused", &t.other, n);
+        assert_eq!((&refused["security"], &refused["src_identity"]), (&security.into(), &OTHER_ID.into()));
+        assert_denied(&refused, None, None);
+        assert_eq!(t.counted.accepted(), n, "the denied connection ({security}) never reached the app");
+        let opened: Vec<Value> =
+            events_of(&t.a, "conn_open").into_iter().filter(|e| comes_from(e, &t.other)).collect();
+        assert!(opened.is_empty(), "a denied connection is never opened: {opened:?}");
+
+        // What trace says for this path is what the agent did.
+        for (src, decision, policy) in
+            [("demo/client", "allow", Some("demo/allow-client")), ("demo/other", "deny", None)]
+        {
+            let trace = t.trace(src, &by_name);
+            assert_eq!(
+                (&trace["transport"], &trace["decision"], &trace["policy"]),
+                (&transport.into(), &decision.into(), &json!(policy)),
+                "{trace:#}"
+            );
+        }
+    }
+    assert!(!events_of(&t.a, "tunnel_accept").is_empty(), "the second round used the tunnel");
+    t.assert_denials(&[("reason", "no_allow_match")], 2.0);
+}
+
+#[test]
+fn audit_and_http_fields_fail_closed_on_tcp() {
+    let all = [ALLOW_CLIENT, AUDIT_CLIENT, ALLOW_OTHER_GET, DENY_ADMIN_PATH].join("---\n");
+    let t = Mesh::start("phttp", &[("policies.yaml", &all)]).unwrap();
+
+    // The AUDIT policy matches the client and is recorded; allow-client still decides.
+    assert_echoes(&t.client, t.addr(ECHO_PORT));
+    let allowed = t.record("conn_close", &t.client, 1);
+    assert_decided(&allowed, "allow", Some("demo/allow-client"), Some(0));
+    assert_eq!(allowed["audit"], "demo/audit-client", "{allowed}");
+
+    // A DENY rule with paths denies the whole connection to its port, which allow-client allows
+    // (the AUDIT match is recorded and changes nothing here either).
+    assert_refused(&t.client, t.addr(COUNTED_PORT));
+    let denied = t.record("conn_refused", &t.client, 1);
+    assert_denied(&denied, Some("demo/deny-admin-path"), Some(0));
+    assert_eq!(denied["audit"], "demo/audit-client", "{denied}");
+    assert_eq!(t.counted.accepted(), 0, "the app never saw the denied connection");
+    t.assert_denials(&[("policy", "demo/deny-admin-path"), ("reason", "deny_policy")], 1.0);
+
+    // An ALLOW rule with methods never matches plain TCP: `other`, whom it alone would allow, is denied.
+    assert_refused(&t.other, t.addr(ECHO_PORT));
+    let refused = t.record("conn_refused", &t.other, 1);
+    assert_eq!(refused["src_identity"], OTHER_ID, "{refused}");
+    assert_denied(&refused, None, None);
+    assert!(refused["audit"].is_null(), "the AUDIT rule does not match other: {refused}");
+    let trace = t.trace("demo/other", &format!("demo/server:{ECHO_PORT}"));
+    let get = entry(&trace["policies"], "policy", "demo/allow-other-get");
+    assert_eq!((&get["selects"], &get["matched"]), (&true.into(), &false.into()), "{get}");
+    assert!(get["why"].as_str().is_some_and(|w| w.contains("needs HTTP")), "{get}");
+
+    // `ferry policies` says per rule which of the three applies.
+    let listed = t.cli(&["policies"]);
+    for (name, action, enforcement) in [
+        ("allow-client", "ALLOW", "L4"),
+        ("audit-client", "AUDIT", "L4"),
+        ("allow-other-get", "ALLOW", "needs HTTP: never matches"),
+        ("deny-admin-path", "DENY", "needs HTTP: denies the connection"),
+    ] {
+        let p = entry(&listed, "name", name);
+        assert!(is_action(&p["action"], action), "{p}");
+        assert_eq!(p["rules"], json!([{ "index": 0, "enforcement": enforcement }]), "{p}");
+    }
 }

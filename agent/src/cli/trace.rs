@@ -7,7 +7,12 @@ use super::render::labelled;
 /// Explains what would happen to a connection from `t.pod` to `t.dest`, and why.
 pub fn explain(t: &TraceView) -> String {
     let mut lines: Vec<(&str, String)> = Vec::new();
-    if !t.captured {
+    // A source given as an identity or an address is traced from the destination's side only:
+    // there is no capture to explain, and the connection does reach the destination.
+    let pod_source = crate::admin::check_pod_key(&t.pod).is_ok();
+    if !pod_source {
+        lines.push(("Source", t.reason.clone()));
+    } else if !t.captured {
         lines.push(("Captured", format!("no: {}", t.reason)));
         lines.push((
             "Result",
@@ -15,8 +20,10 @@ pub fn explain(t: &TraceView) -> String {
         ));
         return finish(t, lines);
     }
-    let by = t.program.as_deref().map(|p| format!(" by {p}")).unwrap_or_default();
-    lines.push(("Captured", format!("yes{by}: {}", t.reason)));
+    if pod_source {
+        let by = t.program.as_deref().map(|p| format!(" by {p}")).unwrap_or_default();
+        lines.push(("Captured", format!("yes{by}: {}", t.reason)));
+    }
     match &t.service {
         Some(s) => lines
             .push(("Service", format!("{} (VIP {}, forwarded to port {})", s.name, s.vip, s.target_port))),
@@ -143,6 +150,27 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn an_address_or_identity_source_is_traced_at_the_destination() {
+        let t = TraceView {
+            pod: "192.0.2.7".into(),
+            captured: false,
+            program: None,
+            reason: "the source is an address: a plaintext client".into(),
+            service: None,
+            source_identity: None,
+            transport: Some(Transport::Plaintext),
+            allowed: Some(false),
+            decision: Some("deny".into()),
+            decision_reason: Some("denied by policy demo/deny-lan rule 0".into()),
+            ..base()
+        };
+        let text = explain(&t);
+        assert!(!text.contains("Captured"), "{text}");
+        assert!(text.contains("Source:            the source is an address"), "{text}");
+        assert!(text.contains("Decision:          denied by policy demo/deny-lan rule 0"), "{text}");
     }
 
     #[test]
