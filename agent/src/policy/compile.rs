@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 
 use super::error::FieldError;
-use super::matcher::{StrMatch, parse_ip_block, parse_port};
+use super::matcher::{PathMatch, StrMatch, parse_ip_block, parse_port};
 use super::model::{self, Strings};
 
 /// The annotation that makes a policy evaluated and logged but not enforced.
@@ -115,8 +115,8 @@ pub(super) enum HttpTest {
     Host(Vec<StrMatch>),
     /// `methods`.
     Method(Vec<StrMatch>),
-    /// `paths`.
-    Path(Vec<StrMatch>),
+    /// `paths`, matched after normalization.
+    Path(Vec<PathMatch>),
     /// `request.headers[NAME]` (name lower-cased).
     Header(String, Vec<StrMatch>),
     /// `requestPrincipals` and `request.auth.*`: need JWT validation.
@@ -313,6 +313,10 @@ fn strings(values: &[String]) -> Vec<StrMatch> {
     values.iter().map(|v| StrMatch::parse(v)).collect()
 }
 
+fn paths(path: &str, name: &str, values: &[String]) -> Result<Vec<PathMatch>, FieldError> {
+    parse_each(path, name, values, PathMatch::parse)
+}
+
 fn ip_blocks(path: &str, name: &str, values: &[String]) -> Result<Vec<IpNet>, FieldError> {
     parse_each(path, name, values, parse_ip_block)
 }
@@ -447,7 +451,7 @@ fn compile_operation(path: &str, o: model::Operation) -> Result<Clause, FieldErr
     }
     for (name, negated, list) in [("paths", false, &o.paths), ("notPaths", true, &o.not_paths)] {
         if let Some(v) = values(path, name, list)? {
-            push(name, negated, Test::Http(HttpTest::Path(strings(v))));
+            push(name, negated, Test::Http(HttpTest::Path(paths(path, name, v)?)));
         }
     }
     if clause.0.is_empty() {

@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use super::compile::{Action, Clause, Policy, Predicate, Rule, Test};
+use super::compile::{Action, Clause, HttpTest, Policy, Predicate, Rule, Test};
 use super::load::Origin;
-use super::matcher::ip_in;
+use super::matcher::{StrMatch, ip_in};
 
 /// The peer of an mTLS connection, from its verified SPIFFE ID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,19 @@ pub struct Connection<'a> {
     pub destination_ip: IpAddr,
     /// The destination app's port.
     pub destination_port: u16,
+}
+
+/// What an HTTP decision also looks at: one request, as the HTTP layer read it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The method.
+    pub method: &'a str,
+    /// The authority (`Host` or `:authority`), as sent.
+    pub host: &'a str,
+    /// The path, normalized, without query or fragment.
+    pub path: &'a str,
+    /// The request headers.
+    pub headers: &'a http::HeaderMap,
 }
 
 /// Allow or deny.
@@ -327,21 +340,30 @@ impl Authorizer {
 
     /// Decides a plain-TCP connection to `workload` (`namespace/name`): DENY first, then ALLOW.
     pub fn decide(&self, workload: &str, conn: &Connection<'_>) -> Decision {
+        self.decide_with(workload, conn, None)
+    }
+
+    /// Decides one HTTP request on `conn`: the HTTP fields now mean what Istio says.
+    pub fn decide_request(&self, workload: &str, conn: &Connection<'_>, req: &Request<'_>) -> Decision {
+        self.decide_with(workload, conn, Some(req))
+    }
+
+    fn decide_with(&self, workload: &str, conn: &Connection<'_>, req: Option<&Request<'_>>) -> Decision {
         if self.failed.is_some() {
             return Decision::deny(Reason::PolicyError);
         }
         let Some(s) = self.by_workload.get(workload) else { return Decision::deny(Reason::UnknownWorkload) };
-        let enforced = self.outcome(conn, s.deny.iter(), s.allow.iter());
-        let dry_run = (!s.dry_deny.is_empty() || !s.dry_allow.is_empty()).then(|| {
-            self.outcome(conn, s.deny.iter().chain(&s.dry_deny), s.allow.iter().chain(&s.dry_allow))
-        });
-        let audit = s.audit.iter().find_map(|&i| self.first_match(i, conn));
+        let at = At { conn, req };
+        let enforced = self.outcome(&at, s.deny.iter(), s.allow.iter());
+        let dry_run = (!s.dry_deny.is_empty() || !s.dry_allow.is_empty())
+            .then(|| self.outcome(&at, s.deny.iter().chain(&s.dry_deny), s.allow.iter().chain(&s.dry_allow)));
+        let audit = s.audit.iter().find_map(|&i| self.first_match(i, &at));
         Decision { enforced, dry_run, audit }
     }
 
     fn outcome<'s>(
         &self,
-        conn: &Connection<'_>,
+        conn: &At<'_>,
         deny: impl Iterator<Item = &'s u32>,
         allow: impl Iterator<Item = &'s u32> + Clone,
     ) -> Outcome {
@@ -365,7 +387,7 @@ impl Authorizer {
     }
 
     /// The first rule of policy `i` that matches `conn`.
-    fn first_match(&self, i: u32, conn: &Connection<'_>) -> Option<RuleRef> {
+    fn first_match(&self, i: u32, conn: &At<'_>) -> Option<RuleRef> {
         let p = self.policies.get(i as usize)?;
         let deny = p.action == Action::Deny;
         p.rules
@@ -377,6 +399,20 @@ impl Authorizer {
     /// Explains a decision: every policy of the workload's namespace and the root namespace, whether
     /// it selects the workload, and why it matched or not.
     pub fn explain(&self, workload: WorkloadRef<'_>, conn: &Connection<'_>) -> Vec<Considered> {
+        self.explain_with(workload, &At { conn, req: None })
+    }
+
+    /// Explains the decision on one HTTP request, as [`Authorizer::explain`] does for TCP.
+    pub fn explain_request(
+        &self,
+        workload: WorkloadRef<'_>,
+        conn: &Connection<'_>,
+        req: &Request<'_>,
+    ) -> Vec<Considered> {
+        self.explain_with(workload, &At { conn, req: Some(req) })
+    }
+
+    fn explain_with(&self, workload: WorkloadRef<'_>, conn: &At<'_>) -> Vec<Considered> {
         let mut out = Vec::new();
         for p in &self.policies {
             if p.namespace != self.root_namespace && p.namespace != workload.namespace {
@@ -409,7 +445,7 @@ impl Authorizer {
                 if rule_matches(rule, conn, deny) {
                     c.matched = true;
                     c.rule = Some(r as u32);
-                    let note = if rule.needs_http && deny {
+                    let note = if rule.needs_http && deny && conn.req.is_none() {
                         " (its HTTP fields count as matched on TCP)"
                     } else {
                         ""
@@ -428,28 +464,35 @@ impl Authorizer {
     }
 }
 
-fn rule_matches(rule: &Rule, conn: &Connection<'_>, deny: bool) -> bool {
+/// A connection, and the request on it when the decision is per request.
+struct At<'a> {
+    conn: &'a Connection<'a>,
+    req: Option<&'a Request<'a>>,
+}
+
+fn rule_matches(rule: &Rule, at: &At<'_>, deny: bool) -> bool {
     // Plain TCP has no HTTP attributes: an ALLOW or AUDIT rule that needs them never matches, and a
     // DENY rule counts them as matched, so the deny covers the whole connection. Both fail closed.
-    if rule.needs_http && !deny {
+    if rule.needs_http && !deny && at.req.is_none() {
         return false;
     }
-    any_or_empty(&rule.from, conn, deny)
-        && any_or_empty(&rule.to, conn, deny)
-        && clause_holds(&rule.when, conn, deny)
+    any_or_empty(&rule.from, at, deny)
+        && any_or_empty(&rule.to, at, deny)
+        && clause_holds(&rule.when, at, deny)
 }
 
-fn any_or_empty(clauses: &[Clause], conn: &Connection<'_>, deny: bool) -> bool {
-    clauses.is_empty() || clauses.iter().any(|c| clause_holds(c, conn, deny))
+fn any_or_empty(clauses: &[Clause], at: &At<'_>, deny: bool) -> bool {
+    clauses.is_empty() || clauses.iter().any(|c| clause_holds(c, at, deny))
 }
 
-fn clause_holds(clause: &Clause, conn: &Connection<'_>, deny: bool) -> bool {
-    clause.0.iter().all(|p| holds(p, conn, deny))
+fn clause_holds(clause: &Clause, at: &At<'_>, deny: bool) -> bool {
+    clause.0.iter().all(|p| holds(p, at, deny))
 }
 
 /// Whether one predicate holds. An attribute the connection lacks (no peer for plaintext, no source
-/// address) matches no value, so a positive field fails and a `notX` field passes.
-fn holds(p: &Predicate, conn: &Connection<'_>, deny: bool) -> bool {
+/// address, no JWT) matches no value, so a positive field fails and a `notX` field passes.
+fn holds(p: &Predicate, at: &At<'_>, deny: bool) -> bool {
+    let conn = at.conn;
     let hit = match &p.test {
         Test::Principal(v) => conn.peer.is_some_and(|peer| v.iter().any(|m| m.matches(peer.principal))),
         Test::Namespace(v) => {
@@ -464,15 +507,58 @@ fn holds(p: &Predicate, conn: &Connection<'_>, deny: bool) -> bool {
         Test::SourceIp(nets) => conn.source_ip.is_some_and(|ip| ip_in(nets, ip)),
         Test::DestinationIp(nets) => ip_in(nets, conn.destination_ip),
         Test::DestinationPort(ports) => ports.contains(&conn.destination_port),
-        // Only DENY rules get here on plain TCP (see rule_matches): the part counts as matched.
-        Test::Http(_) => return deny,
+        Test::Http(test) => match at.req {
+            // Only DENY rules get here on plain TCP (see rule_matches): the part counts as matched.
+            None => return deny,
+            Some(req) => http_hit(test, req, conn, deny != p.negated),
+        },
     };
     hit != p.negated
 }
 
+/// Whether an HTTP attribute matches. `lenient` says which way a header with several values leans:
+/// when a match helps deny, any value (or all of them joined) matching is a match; when it helps
+/// allow, every value must match, so adding a second value never widens an ALLOW or escapes a DENY.
+fn http_hit(test: &HttpTest, req: &Request<'_>, conn: &Connection<'_>, lenient: bool) -> bool {
+    match test {
+        HttpTest::Host(v) => v.iter().any(|m| m.matches_ignore_case(req.host)),
+        HttpTest::Method(v) => v.iter().any(|m| m.matches(req.method)),
+        HttpTest::Path(v) => v.iter().any(|m| m.matches(req.path)),
+        HttpTest::Header(name, v) => header_hit(req.headers, name, v, lenient),
+        // No JWT is validated, so no request has a request principal or claims.
+        HttpTest::RequestAuth(_) => false,
+        // Without trusted proxies, the remote address is the connection's source.
+        HttpTest::RemoteIp(nets) => conn.source_ip.is_some_and(|ip| ip_in(nets, ip)),
+        // The app's own TLS is not terminated here: there is no SNI to see.
+        HttpTest::Sni(_) => false,
+    }
+}
+
+/// Header matching; joins several values only on the lenient side, the one place it may allocate.
+fn header_hit(headers: &http::HeaderMap, name: &str, v: &[StrMatch], lenient: bool) -> bool {
+    let one = |value: &http::HeaderValue| value.to_str().is_ok_and(|s| v.iter().any(|m| m.matches(s)));
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else { return false };
+    if values.next().is_none() {
+        return one(first);
+    }
+    let all = || headers.get_all(name).iter();
+    if !lenient {
+        return all().all(one);
+    }
+    if all().any(one) {
+        return true;
+    }
+    let joined: Option<Vec<&str>> = all().map(|h| h.to_str().ok()).collect();
+    joined.is_some_and(|j| {
+        let j = j.join(",");
+        v.iter().any(|m| m.matches(&j))
+    })
+}
+
 /// Why `rule` does not match `conn`, naming the first failing field and the connection's value.
-fn why_not(rule: &Rule, conn: &Connection<'_>, deny: bool) -> String {
-    if rule.needs_http && !deny {
+fn why_not(rule: &Rule, conn: &At<'_>, deny: bool) -> String {
+    if rule.needs_http && !deny && conn.req.is_none() {
         return "needs HTTP fields, so it never matches plain TCP".into();
     }
     if !any_or_empty(&rule.from, conn, deny) {
@@ -484,7 +570,7 @@ fn why_not(rule: &Rule, conn: &Connection<'_>, deny: bool) -> String {
     failing(std::slice::from_ref(&rule.when), conn, deny)
 }
 
-fn failing(clauses: &[Clause], conn: &Connection<'_>, deny: bool) -> String {
+fn failing(clauses: &[Clause], conn: &At<'_>, deny: bool) -> String {
     let mut parts = Vec::new();
     for c in clauses {
         if let Some(p) = c.0.iter().find(|p| !holds(p, conn, deny)) {
@@ -495,8 +581,9 @@ fn failing(clauses: &[Clause], conn: &Connection<'_>, deny: bool) -> String {
     parts.join(", ")
 }
 
-fn value_of(p: &Predicate, conn: &Connection<'_>) -> String {
+fn value_of(p: &Predicate, at: &At<'_>) -> String {
     let plaintext = "(none: plaintext has no peer identity)";
+    let conn = at.conn;
     match &p.test {
         Test::Principal(_) => conn.peer.map_or(plaintext.into(), |x| format!("{:?}", x.principal)),
         Test::Namespace(_) => {
@@ -509,7 +596,22 @@ fn value_of(p: &Predicate, conn: &Connection<'_>) -> String {
         Test::SourceIp(_) => conn.source_ip.map_or("(unknown source address)".into(), |ip| ip.to_string()),
         Test::DestinationIp(_) => conn.destination_ip.to_string(),
         Test::DestinationPort(_) => conn.destination_port.to_string(),
-        Test::Http(_) => "(no HTTP on this connection)".into(),
+        Test::Http(t) => match (t, at.req) {
+            (_, None) => "(no HTTP on this connection)".into(),
+            (HttpTest::Host(_), Some(r)) => format!("{:?}", r.host),
+            (HttpTest::Method(_), Some(r)) => format!("{:?}", r.method),
+            (HttpTest::Path(_), Some(r)) => format!("{:?}", r.path),
+            (HttpTest::Header(name, _), Some(r)) => {
+                let values: Vec<&str> =
+                    r.headers.get_all(name.as_str()).iter().filter_map(|h| h.to_str().ok()).collect();
+                if values.is_empty() { "(absent)".into() } else { format!("{values:?}") }
+            }
+            (HttpTest::RequestAuth(_), Some(_)) => "(none: no JWT is validated)".into(),
+            (HttpTest::RemoteIp(_), Some(_)) => {
+                conn.source_ip.map_or("(unknown)".into(), |ip| ip.to_string())
+            }
+            (HttpTest::Sni(_), Some(_)) => "(none: the app's TLS is not terminated)".into(),
+        },
     }
 }
 
@@ -520,7 +622,15 @@ fn values_of(p: &Predicate) -> String {
         }
         Test::SourceIp(n) | Test::DestinationIp(n) => n.iter().map(|n| n.to_string()).collect(),
         Test::DestinationPort(ports) => ports.iter().map(|p| p.to_string()).collect(),
-        Test::Http(_) => Vec::new(),
+        Test::Http(t) => match t {
+            HttpTest::Host(v)
+            | HttpTest::Method(v)
+            | HttpTest::Header(_, v)
+            | HttpTest::RequestAuth(v)
+            | HttpTest::Sni(v) => v.iter().map(|m| m.to_string()).collect(),
+            HttpTest::Path(v) => v.iter().map(|m| m.to_string()).collect(),
+            HttpTest::RemoteIp(n) => n.iter().map(|n| n.to_string()).collect(),
+        },
     };
     format!("[{}]", list.join(", "))
 }

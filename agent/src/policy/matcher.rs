@@ -123,6 +123,101 @@ fn parts_end_with(parts: &[&str], suffix: &str) -> bool {
     need.is_empty()
 }
 
+/// One `paths` value: one of the string forms, or a template with `{*}` (one segment) and `{**}`
+/// (the rest of the path, last only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// Exact, `prefix*`, `*suffix` or `*`.
+    Str(StrMatch),
+    /// Segments after the leading `/`.
+    Template(Vec<Segment>),
+}
+
+/// One segment of a path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// This text exactly.
+    Literal(String),
+    /// `{*}`: any one non-empty segment.
+    One,
+    /// `{**}`: one or more segments, to the end.
+    Rest,
+}
+
+impl PathMatch {
+    /// Reads a `paths` value, refusing the template forms Istio refuses.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        if !value.contains('{') && !value.contains('}') {
+            return Ok(PathMatch::Str(StrMatch::parse(value)));
+        }
+        let Some(rest) = value.strip_prefix('/') else {
+            return Err(format!("{value:?}: a path template must start with /"));
+        };
+        if value.contains('*') && value.replace("{*}", "").replace("{**}", "").contains('*') {
+            return Err(format!("{value:?}: a path template cannot be combined with * wildcards"));
+        }
+        let parts: Vec<&str> = rest.split('/').collect();
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            segments.push(match *part {
+                "{*}" => Segment::One,
+                "{**}" if i + 1 == parts.len() => Segment::Rest,
+                "{**}" => return Err(format!("{value:?}: {{**}} must be the last segment")),
+                p if p.contains('{') || p.contains('}') => {
+                    return Err(format!("{value:?}: {p:?} is not a template segment (use {{*}} or {{**}})"));
+                }
+                p => Segment::Literal(p.to_owned()),
+            });
+        }
+        Ok(PathMatch::Template(segments))
+    }
+
+    /// Whether the normalized `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Str(m) => m.matches(path),
+            PathMatch::Template(segments) => {
+                let Some(rest) = path.strip_prefix('/') else { return false };
+                let mut parts = rest.split('/');
+                for seg in segments {
+                    match seg {
+                        Segment::Rest => return parts.next().is_some_and(|p| !p.is_empty()),
+                        Segment::One => {
+                            if !parts.next().is_some_and(|p| !p.is_empty()) {
+                                return false;
+                            }
+                        }
+                        Segment::Literal(l) => {
+                            if parts.next() != Some(l.as_str()) {
+                                return false;
+                            }
+                        }
+                    }
+                }
+                parts.next().is_none()
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for PathMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathMatch::Str(m) => m.fmt(f),
+            PathMatch::Template(segments) => {
+                for s in segments {
+                    match s {
+                        Segment::Literal(l) => write!(f, "/{l}")?,
+                        Segment::One => f.write_str("/{*}")?,
+                        Segment::Rest => f.write_str("/{**}")?,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Whether `ip` (IPv4-mapped IPv6 counts as IPv4) is in any of `nets`.
 pub fn ip_in(nets: &[IpNet], ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
@@ -206,6 +301,21 @@ mod tests {
         assert_eq!(parse_port("8080"), Ok(8080));
         assert!(parse_port("0").unwrap_err().contains("1..65535"));
         assert!(parse_port("80-90").unwrap_err().contains("not a port"));
+    }
+
+    #[test]
+    fn path_templates() {
+        let m = |t: &str| PathMatch::parse(t).unwrap();
+        assert!(m("/api/{*}/info").matches("/api/v1/info"));
+        assert!(!m("/api/{*}/info").matches("/api/v1/v2/info"));
+        assert!(!m("/api/{*}/info").matches("/api//info"));
+        assert!(m("/api/{**}").matches("/api/a/b/c"));
+        assert!(!m("/api/{**}").matches("/api"));
+        assert!(m("/public*").matches("/public/x"));
+        assert!(PathMatch::parse("/a/{**}/b").unwrap_err().contains("last segment"));
+        assert!(PathMatch::parse("/a/{x}").unwrap_err().contains("not a template segment"));
+        assert!(PathMatch::parse("/a/{*}*").unwrap_err().contains("wildcards"));
+        assert_eq!(m("/api/{*}/{**}").to_string(), "/api/{*}/{**}");
     }
 
     #[test]

@@ -24,11 +24,11 @@ mod model;
 pub use compile::{Action, DRY_RUN_ANNOTATION, Policy, Rule};
 pub use error::PolicyError;
 pub use eval::{
-    Authorizer, Connection, Considered, Decision, Enforcement, Outcome, Peer, Reason, RuleRef, Verdict,
-    WorkloadRef,
+    Authorizer, Connection, Considered, Decision, Enforcement, Outcome, Peer, Reason, Request, RuleRef,
+    Verdict, WorkloadRef,
 };
 pub use load::{Origin, Snapshot, compile_snapshot, parse_file, snapshot};
-pub use matcher::StrMatch;
+pub use matcher::{PathMatch, StrMatch};
 
 /// The mesh-wide root namespace when the mesh file names none.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "ferry-system";

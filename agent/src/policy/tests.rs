@@ -902,3 +902,150 @@ fn the_default_namespace_is_kubectls() {
     let a = authorizer(&yaml);
     assert_eq!(a.policies()[0].key(), "default/x");
 }
+
+/// One HTTP request to demo/echo from a plaintext client: `(method, host, target, headers)`.
+fn decide_http(a: &Authorizer, method: &str, host: &str, target: &str, headers: &[(&str, &str)]) -> Verdict {
+    use crate::http::path::{Normalization, normalize};
+    let mut map = http::HeaderMap::new();
+    for (k, v) in headers {
+        map.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    let Ok(path) = normalize(target, Normalization::Base) else { return DENY };
+    let conn = Connection {
+        source_ip: Some("10.9.0.1".parse().unwrap()),
+        peer: None,
+        destination_ip: "10.1.0.2".parse().unwrap(),
+        destination_port: 80,
+    };
+    let req = Request { method, host, path: &path, headers: &map };
+    a.decide_request("demo/echo", &conn, &req).enforced.verdict
+}
+
+#[test]
+fn http_paths_as_istios_acceptance_tests_check_them() {
+    let public = authorizer(&doc(
+        "demo",
+        "public",
+        "  rules:\n  - to:\n    - operation:\n        methods: [\"GET\"]\n        paths: [\"/public*\"]\n",
+    ));
+    for (target, want) in [
+        ("/public", ALLOW),
+        ("/public/../public", ALLOW),
+        ("/private", DENY),
+        ("/public/../private", DENY),
+        ("/public/%2E%2E/private", DENY),
+        ("/public%00", DENY),
+    ] {
+        assert_eq!(decide_http(&public, "GET", "echo", target, &[]), want, "GET {target}");
+    }
+    assert_eq!(decide_http(&public, "POST", "echo", "/public", &[]), DENY, "POST is not GET");
+    let yaml = [
+        doc(
+            "demo",
+            "deny-admin",
+            "  action: DENY\n  rules:\n  - to:\n    - operation:\n        paths: [\"/allow/admin\"]\n",
+        ),
+        doc("demo", "allow", "  rules:\n  - to:\n    - operation:\n        paths: [\"/allow*\"]\n"),
+    ]
+    .join("---\n");
+    let a = authorizer(&yaml);
+    for (target, want) in
+        [("/allow/admin", DENY), ("/allow/admin?x=y", DENY), ("/allow/admin#x", DENY), ("/allow", ALLOW)]
+    {
+        assert_eq!(decide_http(&a, "GET", "echo", target, &[]), want, "{target}");
+    }
+}
+
+#[test]
+fn http_headers_and_several_values() {
+    let allow = authorizer(&doc(
+        "demo",
+        "hdr",
+        "  rules:\n  - when:\n    - key: request.headers[X-Foo]\n      values: [\"foo\"]\n",
+    ));
+    assert_eq!(decide_http(&allow, "GET", "h", "/", &[("x-foo", "foo")]), ALLOW);
+    assert_eq!(decide_http(&allow, "GET", "h", "/", &[("x-foo", "bar")]), DENY);
+    assert_eq!(decide_http(&allow, "GET", "h", "/", &[]), DENY, "missing header");
+    // A second value never widens an ALLOW.
+    assert_eq!(decide_http(&allow, "GET", "h", "/", &[("x-foo", "foo"), ("x-foo", "bar")]), DENY);
+    let deny = authorizer(&doc(
+        "demo",
+        "hdr-deny",
+        "  action: DENY\n  rules:\n  - when:\n    - key: request.headers[x-user]\n      values: [\"admin\"]\n",
+    ));
+    // ...and never escapes a DENY, whichever value comes first, nor when joined.
+    assert_eq!(decide_http(&deny, "GET", "h", "/", &[("x-user", "bob"), ("x-user", "admin")]), DENY);
+    assert_eq!(decide_http(&deny, "GET", "h", "/", &[("x-user", "bob")]), ALLOW);
+    let joined = authorizer(&doc(
+        "demo",
+        "hdr-joined",
+        "  action: DENY\n  rules:\n  - when:\n    - key: request.headers[x-user]\n      values: [\"bob,admin\"]\n",
+    ));
+    assert_eq!(decide_http(&joined, "GET", "h", "/", &[("x-user", "bob"), ("x-user", "admin")]), DENY);
+}
+
+#[test]
+fn http_hosts_ignore_case_and_ports_need_a_wildcard() {
+    let a = authorizer(&doc(
+        "demo",
+        "hosts",
+        "  rules:\n  - to:\n    - operation:\n        hosts: [\"example.com\", \"api.example.com:*\"]\n",
+    ));
+    for (host, want) in [
+        ("example.com", ALLOW),
+        ("EXAMPLE.Com", ALLOW),
+        ("example.com:80", DENY),
+        ("api.example.com:8080", ALLOW),
+        ("API.example.com:8080", ALLOW),
+        ("evil.com", DENY),
+    ] {
+        assert_eq!(decide_http(&a, "GET", host, "/", &[]), want, "{host}");
+    }
+}
+
+#[test]
+fn http_not_forms_templates_and_tcp_only_rules() {
+    let not = authorizer(&doc(
+        "demo",
+        "not-delete",
+        "  action: DENY\n  rules:\n  - to:\n    - operation:\n        notMethods: [\"GET\", \"HEAD\"]\n        notPaths: [\"/healthz\"]\n",
+    ));
+    assert_eq!(decide_http(&not, "GET", "h", "/x", &[]), ALLOW);
+    assert_eq!(decide_http(&not, "DELETE", "h", "/x", &[]), DENY);
+    assert_eq!(decide_http(&not, "DELETE", "h", "/healthz", &[]), ALLOW);
+    let tmpl = authorizer(&doc(
+        "demo",
+        "tmpl",
+        "  rules:\n  - to:\n    - operation:\n        paths: [\"/api/{*}/items/{**}\"]\n",
+    ));
+    assert_eq!(decide_http(&tmpl, "GET", "h", "/api/v1/items/7/x", &[]), ALLOW);
+    assert_eq!(decide_http(&tmpl, "GET", "h", "/api/v1/v2/items/7", &[]), DENY);
+    // Without a JWT there is no request principal: an ALLOW on one never matches.
+    let jwt = authorizer(&doc(
+        "demo",
+        "jwt",
+        "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n",
+    ));
+    assert_eq!(decide_http(&jwt, "GET", "h", "/", &[]), DENY);
+    // An L4-only rule decides HTTP requests just as it decides TCP.
+    let l4 = authorizer(&doc(
+        "demo",
+        "lan",
+        "  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.9.0.0/16\"]\n",
+    ));
+    assert_eq!(decide_http(&l4, "GET", "h", "/", &[]), ALLOW);
+}
+
+#[test]
+fn path_template_errors_name_the_value() {
+    let err = parse_file(
+        Path::new("p.yaml"),
+        &doc("demo", "t", "  rules:\n  - to:\n    - operation:\n        paths: [\"/a/{**}/b\"]\n"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("spec.rules[0].to[0].operation.paths[0]: \"/a/{**}/b\": {**} must be the last segment"),
+        "{err}"
+    );
+}
