@@ -183,7 +183,7 @@ impl PathMatch {
                     match seg {
                         Segment::Rest => return parts.next().is_some_and(|p| !p.is_empty()),
                         Segment::One => {
-                            if !parts.next().is_some_and(|p| !p.is_empty()) {
+                            if parts.next().is_none_or(|p| p.is_empty()) {
                                 return false;
                             }
                         }
