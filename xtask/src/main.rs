@@ -1,11 +1,12 @@
 //! Project tasks, run as `cargo xtask <task>`: set-up of the toolchain and host packages, build,
-//! test, demo and bench. Depends on nothing in the workspace, because building the agent needs the
-//! toolchain that `setup` installs.
+//! test, demo, bench and fuzz. Depends on nothing in the workspace, because building the agent needs
+//! the toolchain that `setup` installs.
 
 mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod fuzz;
 mod paths;
 mod setup;
 mod test;
@@ -45,6 +46,12 @@ enum Task {
         #[arg(long)]
         flamegraph: bool,
     },
+    /// Set up, then fuzz the policy loader and compiler (agent/fuzz); stops at the first crash.
+    Fuzz {
+        /// How long to fuzz, in seconds (`test` fuzzes for 60).
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
 }
 
 /// Prints the error chain without a backtrace: these errors explain themselves.
@@ -65,5 +72,6 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::Bench { quick, flamegraph } => bench::run(quick, flamegraph),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
     }
 }

@@ -16,6 +16,9 @@ const PACKAGES: &[&str] =
 /// The bpf-linker release that builds against this nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The cargo-fuzz release `cargo xtask fuzz` (and the test step that runs it) is known to work with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// The nightly's rust-src shipped beside the toolchain notes, for when rustup cannot fetch it.
 const RUST_SRC_TARBALL: &str = "rust-src-1.97.0-nightly-e50aa6fba.tar.xz";
 
@@ -35,6 +38,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let nightly = Nightly::detect()?;
     ensure_rust_src(&nightly)?;
     ensure_bpf_linker(&nightly, opts.rebuild_bpf_linker)?;
+    ensure_cargo_fuzz()?;
     ensure_packages()?;
     eprintln!("setup: done");
     Ok(())
@@ -199,6 +203,15 @@ fn install_bpf_linker(nightly: &Nightly) -> Result<()> {
         .with_context(|| format!("the freshly built {} does not run", installed.display()))?;
     eprintln!("setup: installed {}", version.trim());
     Ok(())
+}
+
+/// The policy loader's fuzz target (agent/fuzz) runs under cargo-fuzz.
+fn ensure_cargo_fuzz() -> Result<()> {
+    if cmd::succeeds(cmd::command("cargo-fuzz").arg("--version")) {
+        eprintln!("setup: cargo-fuzz present");
+        return Ok(());
+    }
+    cmd::run(&mut cmd::cargo(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked"]))
 }
 
 /// A directory `P` with `P/lib/libLLVM.so` pointing at the nightly's libLLVM, for LLVM_PREFIX.

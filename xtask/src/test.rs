@@ -5,10 +5,10 @@
 use anyhow::{Context as _, Result, bail};
 use std::fs;
 
-use crate::{build, cmd, paths, setup};
+use crate::{build, cmd, fuzz, paths, setup};
 
-/// Sets up, then runs sweep, build, tests, the bench smoke run, rustfmt and clippy; an error when
-/// any step failed.
+/// Sets up, then runs sweep, build, tests, the bench smoke run, a minute of fuzzing, rustfmt and
+/// clippy; an error when any step failed.
 pub fn run() -> Result<()> {
     setup::run(&setup::Options { rebuild_bpf_linker: false })?;
     let mut results: Vec<(&str, Result<()>)> = Vec::new();
@@ -26,6 +26,7 @@ pub fn run() -> Result<()> {
     let mut bench = cmd::command(bin_dir.join("ferry-bench"));
     bench.arg("--smoke").arg("--out").arg(paths::target_dir().join("bench-smoke"));
     results.push(("bench smoke run", cmd::run(bench.env("FERRY_BIN_DIR", &bin_dir))));
+    results.push(("fuzz policy loader", fuzz::policy_load(fuzz::TEST_SECONDS)));
     results.push(("rustfmt", cmd::run(&mut cmd::cargo(["fmt", "--all", "--", "--check"]))));
     let mut clippy = cmd::cargo(["clippy", "--all-targets", "--", "-D", "warnings"]);
     results.push(("clippy", cmd::run(&mut clippy)));

@@ -18,6 +18,7 @@ mod measure;
 mod meshes;
 mod plan;
 mod plot;
+mod policy;
 mod profile;
 mod report;
 mod world;
@@ -204,6 +205,16 @@ mod tests {
     fn only_brings_its_baseline_along() {
         let names: Vec<&str> = select(&["ferry-mtls".to_owned()]).unwrap().iter().map(|s| s.name).collect();
         assert_eq!(names, ["direct", "ferry-mtls"]);
+        let names: Vec<&str> = select(&["ferry-mtls-policy".to_owned(), "ferry-mtls".to_owned()])
+            .unwrap()
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(
+            names,
+            ["direct", "ferry-mtls", "ferry-mtls-policy"],
+            "SCENARIOS order, not the order given"
+        );
         assert_eq!(select(&[]).unwrap().len(), SCENARIOS.len());
         assert!(select(&["nope".to_owned()]).is_err());
     }

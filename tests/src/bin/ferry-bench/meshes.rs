@@ -1,11 +1,12 @@
 //! The scenarios: which mesh runs on top of a [`World`], how it is installed, and how the bench
 //! proves the traffic really takes that path before measuring it.
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use std::net::SocketAddr;
 
 use ferry_tests::haproxy::{HaproxySidecar, SidecarMesh};
 use ferry_tests::iptables::SidecarCapture;
+use ferry_tests::policy_dir::PolicyDir;
 use ferry_tests::scenario::{NAMESPACE, SERVER_PORT, SERVICE, pod_key, wait_events};
 use ferry_tests::testapp::{self, ConnectOpts};
 use ferry_tests::{Agent, Pod, iptables};
@@ -14,10 +15,11 @@ use ferry_tests::{Agent, Pod, iptables};
 const TUNNEL_PORT: u16 = 15008;
 
 use crate::plan::SIZE;
+use crate::policy;
 use crate::world::{CLIENT_SA, NODE_A, NODE_B, Topology, World};
 
 /// The trust domain of every mesh CA in the bench.
-const TRUST_DOMAIN: &str = "cluster.local";
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// What carries the client's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,9 @@ pub enum MeshKind {
     FerryL4,
     /// Ferry with its CA: HBONE with mutual TLS between workloads (its default with a CA).
     FerryMtls,
+    /// [`MeshKind::FerryMtls`] with both agents enforcing a policy set ([`policy`]): mesh-wide
+    /// allow-nothing plus an ALLOW of the client's identity.
+    FerryMtlsPolicy,
     /// Ferry with its CA and `[datapath] local_shortcut`: pods of one node joined by the agent
     /// without the tunnel.
     FerryFastpath,
@@ -67,6 +72,7 @@ pub const SCENARIOS: &[ScenarioDef] = &[
     ScenarioDef { name: "ferry-local", topology: Topology::Local, mesh: MeshKind::FerryMtls },
     ScenarioDef { name: "ferry-local-fastpath", topology: Topology::Local, mesh: MeshKind::FerryFastpath },
     ScenarioDef { name: "ferry-mtls", topology: Topology::CrossNode, mesh: MeshKind::FerryMtls },
+    ScenarioDef { name: "ferry-mtls-policy", topology: Topology::CrossNode, mesh: MeshKind::FerryMtlsPolicy },
     ScenarioDef { name: "sidecar-ferry", topology: Topology::CrossNode, mesh: MeshKind::SidecarFerry },
     ScenarioDef { name: "sidecar-haproxy-local", topology: Topology::Local, mesh: MeshKind::SidecarHaproxy },
     ScenarioDef { name: "sidecar-haproxy", topology: Topology::CrossNode, mesh: MeshKind::SidecarHaproxy },
@@ -77,6 +83,8 @@ pub struct Mesh {
     agents: Vec<Agent>,
     haproxy: Option<SidecarMesh>,
     _ca: Option<tempfile::TempDir>,
+    /// The policy files the agents read (and re-read when they change) while they run.
+    _policies: Option<PolicyDir>,
 }
 
 impl Mesh {
@@ -92,11 +100,12 @@ pub fn install(world: &World, kind: MeshKind) -> Result<Mesh> {
     match kind {
         MeshKind::Direct => {
             iptables::install_service_dnat(&world.client, v4(world.service())?, &world.endpoints())?;
-            Ok(Mesh { agents: Vec::new(), haproxy: None, _ca: None })
+            Ok(Mesh { agents: Vec::new(), haproxy: None, _ca: None, _policies: None })
         }
-        MeshKind::FerryL4 => node_agents(world, false, false),
-        MeshKind::FerryMtls => node_agents(world, true, false),
-        MeshKind::FerryFastpath => node_agents(world, true, true),
+        MeshKind::FerryL4 => node_agents(world, false, false, None),
+        MeshKind::FerryMtls => node_agents(world, true, false, None),
+        MeshKind::FerryMtlsPolicy => node_agents(world, true, false, Some(policy::write_set()?)),
+        MeshKind::FerryFastpath => node_agents(world, true, true, None),
         MeshKind::SidecarFerry => ferry_sidecars(world),
         MeshKind::SidecarHaproxy => {
             let pods: Vec<(&ferry_tests::Pod, &str)> = std::iter::once((&world.client, CLIENT_SA))
@@ -104,13 +113,14 @@ pub fn install(world: &World, kind: MeshKind) -> Result<Mesh> {
                 .collect();
             let endpoints: Vec<SocketAddr> = world.endpoints().into_iter().map(SocketAddr::V4).collect();
             let mesh = SidecarMesh::start(&pods, &endpoints, SERVER_PORT)?;
-            Ok(Mesh { agents: Vec::new(), haproxy: Some(mesh), _ca: None })
+            Ok(Mesh { agents: Vec::new(), haproxy: Some(mesh), _ca: None, _policies: None })
         }
     }
 }
 
-/// One Ferry agent per node, with a CA when `mtls`, and the node-local shortcut when `shortcut`.
-fn node_agents(world: &World, mtls: bool, shortcut: bool) -> Result<Mesh> {
+/// One Ferry agent per node, with a CA when `mtls`, the node-local shortcut when `shortcut`, and
+/// every agent reading `policies` when given.
+fn node_agents(world: &World, mtls: bool, shortcut: bool, policies: Option<PolicyDir>) -> Result<Mesh> {
     let nodes: &[&str] = match world.topology {
         Topology::Local => &[NODE_A],
         Topology::CrossNode => &[NODE_A, NODE_B],
@@ -125,9 +135,12 @@ fn node_agents(world: &World, mtls: bool, shortcut: bool) -> Result<Mesh> {
         if shortcut {
             mesh.local_shortcut(true);
         }
+        if let Some(dir) = &policies {
+            mesh.root_namespace(policy::ROOT_NAMESPACE).policies(dir.path());
+        }
         agents.push(Agent::start(sim, &mesh.to_toml()).with_context(|| format!("agent on {node}"))?);
     }
-    Ok(Mesh { agents, haproxy: None, _ca: ca })
+    Ok(Mesh { agents, haproxy: None, _ca: ca, _policies: policies })
 }
 
 /// One Ferry sidecar per pod, each its own "node" with its own intermediate CA.
@@ -144,7 +157,7 @@ fn ferry_sidecars(world: &World) -> Result<Mesh> {
         iptables::install(pod, &capture)?;
         agents.push(Agent::start_sidecar(pod, &mesh.to_toml())?);
     }
-    Ok(Mesh { agents, haproxy: None, _ca: Some(ca) })
+    Ok(Mesh { agents, haproxy: None, _ca: Some(ca), _policies: None })
 }
 
 fn v4(addr: std::net::SocketAddr) -> Result<std::net::SocketAddrV4> {
@@ -156,7 +169,8 @@ fn v4(addr: std::net::SocketAddr) -> Result<std::net::SocketAddrV4> {
 
 /// Proves the client's service traffic takes `kind`'s path: connections to the VIP reach several
 /// servers; the servers see the client itself (direct) or a local proxy (mesh); Ferry's agents
-/// record the connections with the expected security.
+/// record the connections with the expected security; with policies, the servers' agent allowed
+/// them by the client's ALLOW and refuses an identity the set does not allow.
 pub fn check_path(world: &World, mesh: &Mesh, kind: MeshKind) -> Result<()> {
     const CONNS: usize = 20;
     let opts = ConnectOpts { bytes: SIZE, conns: CONNS, ..ConnectOpts::default() };
@@ -192,5 +206,11 @@ pub fn check_path(world: &World, mesh: &Mesh, kind: MeshKind) -> Result<()> {
         "the client's agent recorded {} of {CONNS} outbound service connections with security {security}",
         recorded.len()
     );
-    Ok(())
+    match (kind, mesh.agents.as_slice()) {
+        (MeshKind::FerryMtlsPolicy, [client_agent, server_agent]) => {
+            policy::check(world, client_agent, server_agent, CONNS)
+        }
+        (MeshKind::FerryMtlsPolicy, agents) => bail!("policy check needs two agents, not {}", agents.len()),
+        _ => Ok(()),
+    }
 }

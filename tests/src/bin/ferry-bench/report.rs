@@ -68,7 +68,8 @@ pub struct Ratio {
     pub rss: f64,
 }
 
-/// One of the issue's performance targets, checked against this run.
+/// A performance target, checked against this run: one of the issue's, or an informational one
+/// (its name says so).
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
     /// What is compared.
@@ -94,9 +95,10 @@ pub struct Report {
     pub plan: Plan,
     /// One row per scenario: each figure the median over the rounds.
     pub scenarios: Vec<Row>,
-    /// Ferry against the sidecars: each ratio the median of the per-round ratios.
+    /// Ferry against the sidecars, and with policies against without: each ratio the median of the
+    /// per-round ratios.
     pub ratios: Vec<Ratio>,
-    /// The issue's targets, judged on the median ratios.
+    /// The targets, judged on the median ratios.
     pub targets: Vec<Target>,
     /// Every round's rows, in round order, for the spread behind the medians.
     pub rounds: Vec<Vec<Row>>,
@@ -141,7 +143,19 @@ fn div(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
 
-/// The ratios and targets of the issue, for the scenarios present in `rows`.
+/// Scenario `a`'s figures over `b`'s.
+fn ratio(a: &Row, b: &Row) -> Ratio {
+    Ratio {
+        name: format!("{} / {}", a.name, b.name),
+        added_p50: div(a.added_p50_us, b.added_p50_us),
+        added_p99: div(a.added_p99_us, b.added_p99_us),
+        cpu: div(a.cpu_s_per_1k, b.cpu_s_per_1k),
+        rss: div(a.rss_mb, b.rss_mb),
+    }
+}
+
+/// The ratios and targets (the issue's, then the informational cost of policy), for the scenarios
+/// present in `rows`.
 pub fn compare(rows: &[Row]) -> (Vec<Ratio>, Vec<Target>) {
     let find = |name: &str| rows.iter().find(|r| r.name == name);
     let mut ratios = Vec::new();
@@ -153,13 +167,7 @@ pub fn compare(rows: &[Row]) -> (Vec<Ratio>, Vec<Target>) {
     if let Some(ferry) = find("ferry-mtls") {
         for sidecar in ["sidecar-ferry", "sidecar-haproxy"] {
             let Some(s) = find(sidecar) else { continue };
-            let r = Ratio {
-                name: format!("ferry-mtls / {sidecar}"),
-                added_p50: div(ferry.added_p50_us, s.added_p50_us),
-                added_p99: div(ferry.added_p99_us, s.added_p99_us),
-                cpu: div(ferry.cpu_s_per_1k, s.cpu_s_per_1k),
-                rss: div(ferry.rss_mb, s.rss_mb),
-            };
+            let r = ratio(ferry, s);
             target(format!("ferry-mtls added p50 < {sidecar}'s"), r.added_p50, 1.0);
             target(format!("ferry-mtls added p99 < {sidecar}'s"), r.added_p99, 1.0);
             target(format!("ferry-mtls CPU per request <= 0.7x {sidecar}'s"), r.cpu, 0.7);
@@ -168,14 +176,24 @@ pub fn compare(rows: &[Row]) -> (Vec<Ratio>, Vec<Target>) {
         }
     }
     if let (Some(fast), Some(h)) = (find("ferry-local-fastpath"), find("sidecar-haproxy-local")) {
-        let r = Ratio {
-            name: "ferry-local-fastpath / sidecar-haproxy-local".to_owned(),
-            added_p50: div(fast.added_p50_us, h.added_p50_us),
-            added_p99: div(fast.added_p99_us, h.added_p99_us),
-            cpu: div(fast.cpu_s_per_1k, h.cpu_s_per_1k),
-            rss: div(fast.rss_mb, h.rss_mb),
-        };
+        let r = ratio(fast, h);
         target("ferry-local-fastpath added p50 <= 0.5x sidecar-haproxy-local's".to_owned(), r.added_p50, 0.5);
+        ratios.push(r);
+    }
+    // Not one of the issue's targets: what enforcing a realistic policy set costs, which should be
+    // close to nothing (one decision per connection, none per request).
+    if let (Some(policy), Some(plain)) = (find("ferry-mtls-policy"), find("ferry-mtls")) {
+        let r = ratio(policy, plain);
+        target(
+            "ferry-mtls-policy added p50 <= 1.05x ferry-mtls's (informational)".to_owned(),
+            r.added_p50,
+            1.05,
+        );
+        target(
+            "ferry-mtls-policy CPU per request <= 1.05x ferry-mtls's (informational)".to_owned(),
+            r.cpu,
+            1.05,
+        );
         ratios.push(r);
     }
     (ratios, targets)
@@ -403,6 +421,7 @@ mod tests {
             row("sidecar-haproxy", "direct", &measured(180.0, 2.0, 300.0), Some(&direct)),
             row("ferry-local-fastpath", "direct-local", &measured(110.0, 0.5, 25.0), Some(&local)),
             row("sidecar-haproxy-local", "direct-local", &measured(150.0, 2.0, 300.0), Some(&local)),
+            row("ferry-mtls-policy", "direct", &measured(141.6, 1.02, 51.0), Some(&direct)),
         ]
     }
 
@@ -421,13 +440,37 @@ mod tests {
         let (ratios, targets) = compare(&rows());
         let names: Vec<&str> = ratios.iter().map(|r| r.name.as_str()).collect();
         // No sidecar-ferry row: its ratio is left out rather than made up.
-        assert_eq!(names, ["ferry-mtls / sidecar-haproxy", "ferry-local-fastpath / sidecar-haproxy-local"]);
+        assert_eq!(
+            names,
+            [
+                "ferry-mtls / sidecar-haproxy",
+                "ferry-local-fastpath / sidecar-haproxy-local",
+                "ferry-mtls-policy / ferry-mtls"
+            ]
+        );
         let r = &ratios[0];
         assert_eq!((r.added_p50, r.added_p99, r.cpu), (0.5, 0.5, 0.5));
         assert!((r.rss - 50.0 / 300.0).abs() < 1e-9);
         assert!(targets.iter().all(|t| t.met), "{targets:?}");
         // 20 us added against 60: 0.33, under the 0.5 limit.
         assert!((ratios[1].added_p50 - 20.0 / 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn policy_is_compared_with_ferry_mtls_of_the_same_run() {
+        let (ratios, targets) = compare(&rows());
+        let r = ratios.iter().find(|r| r.name == "ferry-mtls-policy / ferry-mtls").unwrap();
+        // 41.6 us added against 40, 0.102 s/1k against 0.100.
+        assert!((r.added_p50 - 1.04).abs() < 1e-9 && (r.cpu - 1.02).abs() < 1e-9, "{r:?}");
+        let policy: Vec<&Target> =
+            targets.iter().filter(|t| t.target.starts_with("ferry-mtls-policy")).collect();
+        assert_eq!(policy.len(), 2, "{targets:?}");
+        assert!(policy.iter().all(|t| t.met && t.limit == 1.05 && t.target.ends_with("(informational)")));
+        // Without ferry-mtls in the run there is nothing to compare with.
+        let alone: Vec<Row> = rows().into_iter().filter(|r| r.name != "ferry-mtls").collect();
+        let (ratios, targets) = compare(&alone);
+        assert!(ratios.iter().all(|r| !r.name.starts_with("ferry-mtls-policy")), "{ratios:?}");
+        assert!(targets.iter().all(|t| !t.target.starts_with("ferry-mtls-policy")), "{targets:?}");
     }
 
     #[test]
@@ -494,6 +537,7 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| ferry-mtls / sidecar-haproxy | 0.50 | 0.50 | 0.50 | 0.17 |"), "{md}");
+        assert!(md.contains("| ferry-mtls-policy / ferry-mtls | 1.04 | 1.04 | 1.02 | 1.02 |"), "{md}");
         assert!(
             md.contains(
                 "| ferry-mtls CPU per request <= 0.7x sidecar-haproxy's | 0.50 | 0.50 | 0.70 | yes |"

@@ -100,9 +100,11 @@ impl World {
             .node(&node_of(&self.client, NODE_A))
             .ips(&[&self.client.ipv4().to_string()]);
         for s in &self.servers {
+            // Labelled as a Deployment's pods would be, for policies that select the servers.
             mesh.pod(s, NAMESPACE, SERVICE)
                 .node(&node_of(s, self.server_node()))
-                .ips(&[&s.ipv4().to_string()]);
+                .ips(&[&s.ipv4().to_string()])
+                .labels(&[("app", SERVICE)]);
         }
         let names: Vec<&str> = self.servers.iter().map(|s| s.name()).collect();
         mesh.service(SERVICE, NAMESPACE, &[VIP4], &[(SERVICE_PORT, SERVER_PORT)], &names);
