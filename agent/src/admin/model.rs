@@ -256,6 +256,13 @@ pub struct ConnectionView {
     /// `"mutual_tls"` or `"none"` (Istio's `connection_security_policy`).
     #[serde(default)]
     pub security: Option<String>,
+    /// What the connection carries: `tcp` (relayed opaque), `http/1.1` or `h2` (served by the HTTP
+    /// layer).
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// HTTP requests handled on it so far (0 for opaque TCP).
+    #[serde(default)]
+    pub requests: u64,
     /// Bytes written back to the source so far.
     pub bytes_sent: u64,
     /// Bytes read from the source so far.

@@ -122,6 +122,8 @@ impl AdminState for FakeState {
             source_identity: Some(CLIENT_ID.into()),
             destination_identity: Some(WEB_ID.into()),
             security: Some("mutual_tls".into()),
+            protocol: Some("tcp".into()),
+            requests: 0,
             bytes_sent: 5120,
             bytes_received: 312,
             age_seconds: 192.4,

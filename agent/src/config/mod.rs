@@ -13,6 +13,10 @@
 //! [datapath]
 //! local_shortcut = true   # pod to pod on this node without the HBONE tunnel (default false)
 //!
+//! [http]
+//! detect_timeout_ms = 100   # how long an undeclared port is watched for HTTP (default 100)
+//! start_traceparent = true  # start a W3C trace context on requests without one (default true)
+//!
 //! [[pods]]
 //! name = "client"
 //! namespace = "demo"
@@ -20,12 +24,13 @@
 //! netns = "/var/run/netns/client"
 //! cgroup = "/sys/fs/cgroup/ferry/client"
 //! ips = ["10.233.1.2"]
+//! ports = [{ port = 9000, protocol = "tcp" }]   # Kubernetes appProtocol values
 //!
 //! [[services]]
 //! name = "echo"
 //! namespace = "demo"
 //! vips = ["10.96.0.10"]
-//! ports = [{ port = 80, target_port = 8080 }]
+//! ports = [{ port = 80, target_port = 8080, protocol = "http" }]
 //! endpoints = ["client"]
 //! ```
 
@@ -58,6 +63,8 @@ pub struct MeshConfig {
     pub ca: Option<CaSettings>,
     /// How the proxy carries connections it handles at both ends.
     pub datapath: DatapathSettings,
+    /// How the destination agent finds and handles HTTP.
+    pub http: HttpSettings,
     /// The namespace whose AuthorizationPolicies apply mesh-wide.
     pub root_namespace: String,
     /// Policy files and directories (Istio AuthorizationPolicy YAML), in file order; relative paths
@@ -113,6 +120,69 @@ pub struct DatapathSettings {
     /// Connections between two pods enrolled on this node skip the HBONE tunnel: the proxy, which
     /// holds both identities, connects to the destination app from inside its netns.
     pub local_shortcut: bool,
+}
+
+/// `[http]`: protocol detection and request handling at the destination agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// How long the first bytes of a connection to an undeclared port are awaited to tell HTTP from
+    /// opaque TCP; a server-first protocol is delayed by at most this.
+    pub detect_timeout: std::time::Duration,
+    /// Whether a request without a W3C `traceparent` gets one.
+    pub start_traceparent: bool,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { detect_timeout: std::time::Duration::from_millis(100), start_traceparent: true }
+    }
+}
+
+/// A port's application protocol, as Kubernetes' `appProtocol` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AppProtocol {
+    /// HTTP/1.1 (`http`).
+    Http,
+    /// HTTP/2 with prior knowledge (`http2`, `kubernetes.io/h2c`).
+    Http2,
+    /// gRPC: HTTP/2 with trailers (`grpc`).
+    Grpc,
+    /// Opaque TCP, never inspected (`tcp`).
+    Tcp,
+}
+
+impl AppProtocol {
+    /// Reads an `appProtocol` value; `None` for one Ferry does not know.
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "http" => AppProtocol::Http,
+            "http2" | "kubernetes.io/h2c" => AppProtocol::Http2,
+            "grpc" => AppProtocol::Grpc,
+            "tcp" => AppProtocol::Tcp,
+            _ => return None,
+        })
+    }
+
+    /// The `appProtocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Http => "http",
+            AppProtocol::Http2 => "http2",
+            AppProtocol::Grpc => "grpc",
+            AppProtocol::Tcp => "tcp",
+        }
+    }
+
+    /// Whether the port carries HTTP of either version.
+    pub fn is_http(self) -> bool {
+        self != AppProtocol::Tcp
+    }
+}
+
+impl fmt::Display for AppProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How the connections of local pods are sent to the proxy.
@@ -171,6 +241,8 @@ pub struct Pod {
     pub mode: Mode,
     /// Its labels, for policy selectors (`selector.matchLabels`).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Ports whose protocol is declared (`ports = [{ port, protocol }]`).
+    pub ports: Vec<(u16, AppProtocol)>,
 }
 
 impl Pod {
@@ -238,6 +310,8 @@ pub struct ServicePort {
     pub port: u16,
     /// The port on the endpoint pods.
     pub target_port: u16,
+    /// The declared protocol (`appProtocol`), if any.
+    pub protocol: Option<AppProtocol>,
 }
 
 impl MeshConfig {
@@ -288,6 +362,21 @@ impl MeshConfig {
         let &(s, p) = self.index.service_by_vip.get(&SocketAddr::new(vip.to_canonical(), port))?;
         let service = self.services.get(s)?;
         Some((service, service.ports.get(p)?))
+    }
+
+    /// The declared protocol of `port` on `pod`: the pod's own declaration, else that of a service
+    /// port forwarding to it; `None` when undeclared (the destination agent then detects).
+    pub fn declared_protocol(&self, pod: &Pod, port: u16) -> Option<AppProtocol> {
+        if let Some(&(_, protocol)) = pod.ports.iter().find(|(p, _)| *p == port) {
+            return Some(protocol);
+        }
+        let index = self.pods.iter().position(|p| std::ptr::eq(p, pod))?;
+        self.services
+            .iter()
+            .filter(|s| s.endpoints.contains(&index))
+            .flat_map(|s| &s.ports)
+            .find(|sp| sp.target_port == port && sp.protocol.is_some())
+            .and_then(|sp| sp.protocol)
     }
 
     /// The endpoint pods of `service`.

@@ -17,6 +17,7 @@ pub(super) struct RawConfig {
     pub capture: Option<RawCapture>,
     pub ca: Option<RawCa>,
     pub datapath: Option<RawDatapath>,
+    pub http: Option<RawHttp>,
     pub root_namespace: Option<String>,
     #[serde(default)]
     pub policies: Vec<String>,
@@ -39,6 +40,14 @@ pub(super) struct RawCa {
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub(super) struct RawDatapath {
     pub local_shortcut: Option<bool>,
+}
+
+/// `[http]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawHttp {
+    pub detect_timeout_ms: Option<i64>,
+    pub start_traceparent: Option<bool>,
 }
 
 /// `[capture]`.
@@ -69,6 +78,16 @@ pub(super) struct RawPod {
     pub mode: Option<String>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<RawPodPort>,
+}
+
+/// One entry of a pod's `ports`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawPodPort {
+    pub port: i64,
+    pub protocol: String,
 }
 
 /// One `[[services]]` entry.
@@ -88,6 +107,7 @@ pub(super) struct RawService {
 pub(super) struct RawServicePort {
     pub port: i64,
     pub target_port: Option<i64>,
+    pub protocol: Option<String>,
 }
 
 /// Parses `text` as TOML into the raw shape, naming the key path of any structural error.

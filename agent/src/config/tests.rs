@@ -47,6 +47,7 @@ fn full_file_round_trip() {
                 ipv6: Some(v6("fd00:233:1::2")),
                 mode: Mode::Strict,
                 labels: Default::default(),
+                ports: Vec::new(),
             },
             Pod {
                 name: "server-1".into(),
@@ -59,6 +60,7 @@ fn full_file_round_trip() {
                 ipv6: Some(v6("fd00:233:1::3")),
                 mode: Mode::Permissive,
                 labels: Default::default(),
+                ports: Vec::new(),
             },
             Pod {
                 name: "server-2".into(),
@@ -71,6 +73,7 @@ fn full_file_round_trip() {
                 ipv6: None,
                 mode: Mode::Permissive,
                 labels: Default::default(),
+                ports: Vec::new(),
             },
         ]
     );
@@ -81,8 +84,8 @@ fn full_file_round_trip() {
             namespace: "demo".into(),
             vips: vec![IpAddr::V4(v4("10.96.0.10")), IpAddr::V6(v6("fd00:96::10"))],
             ports: vec![
-                ServicePort { port: 80, target_port: 8080 },
-                ServicePort { port: 443, target_port: 443 }
+                ServicePort { port: 80, target_port: 8080, protocol: None },
+                ServicePort { port: 443, target_port: 443, protocol: None }
             ],
             endpoints: vec![1, 2],
         }]
@@ -118,7 +121,8 @@ fn lookups() {
 
     let by_vip =
         |text: &str, port| config.service_by_vip(text.parse().expect("ip"), port).map(|(s, p)| (s.key(), *p));
-    let echo = |port, target_port| Some(("demo/echo".to_owned(), ServicePort { port, target_port }));
+    let echo =
+        |port, target_port| Some(("demo/echo".to_owned(), ServicePort { port, target_port, protocol: None }));
     assert_eq!(by_vip("10.96.0.10", 80), echo(80, 8080));
     assert_eq!(by_vip("fd00:96::10", 443), echo(443, 443));
     assert_eq!(by_vip("::ffff:10.96.0.10", 443), echo(443, 443));
@@ -179,4 +183,35 @@ fn labels_root_namespace_and_policy_sources() {
     assert!(e.starts_with("root_namespace: "), "{e}");
     let e = MeshConfig::parse("node = \"n\"\npolicies = [\"\"]\n").expect_err("empty").to_string();
     assert!(e.starts_with("policies[0]: "), "{e}");
+}
+
+#[test]
+fn declared_protocols_come_from_the_pod_then_its_services() {
+    let text = "node = \"a\"\n[[pods]]\nname = \"echo\"\nnamespace = \"demo\"\nservice_account = \"echo\"\n\
+                node = \"b\"\nips = [\"10.1.0.2\"]\nports = [{ port = 9000, protocol = \"tcp\" }]\n\
+                [[services]]\nname = \"echo\"\nnamespace = \"demo\"\nvips = [\"10.96.0.1\"]\n\
+                ports = [{ port = 80, target_port = 8080, protocol = \"http\" }, { port = 90, target_port = 9000, protocol = \"grpc\" }, { port = 91 }]\n\
+                endpoints = [\"echo\"]\n";
+    let config = MeshConfig::parse(text).expect("valid");
+    let pod = &config.pods[0];
+    assert_eq!(config.declared_protocol(pod, 8080), Some(AppProtocol::Http));
+    assert_eq!(config.declared_protocol(pod, 9000), Some(AppProtocol::Tcp), "the pod's own wins");
+    assert_eq!(config.declared_protocol(pod, 91), None);
+    assert_eq!(config.http.detect_timeout, std::time::Duration::from_millis(100));
+    assert!(config.http.start_traceparent);
+}
+
+#[test]
+fn unknown_protocols_and_timeouts_are_named() {
+    let pod = "node = \"a\"\n[[pods]]\nname = \"echo\"\nnamespace = \"demo\"\nservice_account = \"echo\"\n\
+               node = \"b\"\nips = [\"10.1.0.2\"]\nports = [{ port = 9000, protocol = \"HTTP\" }]\n";
+    let e = MeshConfig::parse(pod).expect_err("bad protocol").to_string();
+    assert!(e.starts_with("pods[0].ports[0].protocol: \"HTTP\" is not a protocol"), "{e}");
+    let e = MeshConfig::parse("node = \"a\"\n[http]\ndetect_timeout_ms = 0\n").expect_err("0 ms").to_string();
+    assert!(e.starts_with("http.detect_timeout_ms: 0 is outside"), "{e}");
+    let config =
+        MeshConfig::parse("node = \"a\"\n[http]\ndetect_timeout_ms = 250\nstart_traceparent = false\n")
+            .expect("valid");
+    assert_eq!(config.http.detect_timeout, std::time::Duration::from_millis(250));
+    assert!(!config.http.start_traceparent);
 }

@@ -8,10 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use super::error::ConfigError;
-use super::schema::{RawCa, RawCapture, RawConfig, RawDatapath, RawPod, RawService};
+use super::schema::{RawCa, RawCapture, RawConfig, RawDatapath, RawHttp, RawPod, RawService};
 use super::{
-    CaSettings, CaptureMode, CaptureSettings, DEFAULT_SVID_TTL_SECONDS, DEFAULT_TRUST_DOMAIN,
-    DatapathSettings, Index, MeshConfig, Mode, Pod, Service, ServicePort, names,
+    AppProtocol, CaSettings, CaptureMode, CaptureSettings, DEFAULT_SVID_TTL_SECONDS, DEFAULT_TRUST_DOMAIN,
+    DatapathSettings, HttpSettings, Index, MeshConfig, Mode, Pod, Service, ServicePort, names,
 };
 
 /// Validates `raw` and builds the lookup indexes.
@@ -22,6 +22,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
     let capture = raw.capture.map(capture).transpose()?.unwrap_or_default();
     let ca = raw.ca.map(ca).transpose()?;
     let datapath = raw.datapath.map(datapath).unwrap_or_default();
+    let http = raw.http.map(http).transpose()?.unwrap_or_default();
 
     let mut index = Index::default();
     let mut pod_names = HashMap::new();
@@ -79,6 +80,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<MeshConfig, ConfigError> {
         capture,
         ca,
         datapath,
+        http,
         root_namespace,
         policies,
         pods,
@@ -106,6 +108,31 @@ fn ca(raw: RawCa) -> Result<CaSettings, ConfigError> {
 fn datapath(raw: RawDatapath) -> DatapathSettings {
     // Without a CA there is no tunnel to skip, so the flag is harmless there and not an error.
     DatapathSettings { local_shortcut: raw.local_shortcut.unwrap_or(false) }
+}
+
+/// Longest detection wait accepted: a server-first protocol waits this long for its greeting.
+const MAX_DETECT_TIMEOUT_MS: i64 = 10_000;
+
+fn http(raw: RawHttp) -> Result<HttpSettings, ConfigError> {
+    let defaults = HttpSettings::default();
+    let detect_timeout = match raw.detect_timeout_ms {
+        None => defaults.detect_timeout,
+        Some(ms @ 1..=MAX_DETECT_TIMEOUT_MS) => std::time::Duration::from_millis(ms as u64),
+        Some(ms) => {
+            let msg = format!("{ms} is outside 1..={MAX_DETECT_TIMEOUT_MS} milliseconds");
+            return Err(ConfigError::invalid("http.detect_timeout_ms", msg));
+        }
+    };
+    let start_traceparent = raw.start_traceparent.unwrap_or(defaults.start_traceparent);
+    Ok(HttpSettings { detect_timeout, start_traceparent })
+}
+
+/// An `appProtocol` value Ferry knows.
+fn protocol(path: &str, value: &str) -> Result<AppProtocol, ConfigError> {
+    AppProtocol::parse(value).ok_or_else(|| {
+        let msg = format!("{value:?} is not a protocol; use \"http\", \"http2\", \"grpc\" or \"tcp\"");
+        ConfigError::invalid(path, msg)
+    })
 }
 
 fn capture(raw: RawCapture) -> Result<CaptureSettings, ConfigError> {
@@ -229,6 +256,16 @@ fn pod(
         names::label_value(value).map_err(|m| ConfigError::invalid(&path, m))?;
     }
 
+    let mut ports: Vec<(u16, AppProtocol)> = Vec::with_capacity(raw.ports.len());
+    for (p, raw_port) in raw.ports.iter().enumerate() {
+        let path = format!("{path}.ports[{p}]");
+        let port = valid_port(&format!("{path}.port"), raw_port.port)?;
+        if ports.iter().any(|(other, _)| *other == port) {
+            return Err(ConfigError::invalid(format!("{path}.port"), format!("{port} is listed twice")));
+        }
+        ports.push((port, protocol(&format!("{path}.protocol"), &raw_port.protocol)?));
+    }
+
     let mode = match raw.mode.as_deref() {
         None | Some("permissive") => Mode::Permissive,
         Some("strict") => Mode::Strict,
@@ -249,6 +286,7 @@ fn pod(
         ipv6,
         mode,
         labels: raw.labels,
+        ports,
     })
 }
 
@@ -327,7 +365,9 @@ fn service(path: &str, raw: RawService, pods: &NameIndex) -> Result<Service, Con
             Some(value) => valid_port(&format!("{path}.target_port"), value)?,
             None => port,
         };
-        ports.push(ServicePort { port, target_port });
+        let protocol =
+            raw_port.protocol.as_deref().map(|v| protocol(&format!("{path}.protocol"), v)).transpose()?;
+        ports.push(ServicePort { port, target_port, protocol });
     }
 
     if raw.endpoints.is_empty() {
@@ -631,6 +671,6 @@ mod tests {
         );
         let config = MeshConfig::parse(&text).expect("valid");
         assert_eq!(config.services[1].endpoints, vec![3]);
-        assert_eq!(config.services[1].ports, vec![ServicePort { port: 81, target_port: 81 }]);
+        assert_eq!(config.services[1].ports, vec![ServicePort { port: 81, target_port: 81, protocol: None }]);
     }
 }

@@ -28,6 +28,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::stream::HboneStream;
 use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
+use crate::config::AppProtocol;
 use crate::identity::verifier::peer_identity;
 use crate::identity::{IdentityStore, Rejection, SpiffeId, StoreError};
 
@@ -264,12 +265,14 @@ impl HbonePool {
     /// Opens a tunnel to `authority` through the HBONE endpoint `tunnel`, presenting `src`'s SVID
     /// and accepting only a server whose identity is in `allowed_peers`. A pooled connection is
     /// reused when possible; otherwise `dial` makes the TCP connection (from the source pod's network
-    /// namespace). Returns the stream once the peer answered 200, with the peer's verified identity.
+    /// namespace). `protocol` is the target port's declared protocol, told to the destination.
+    /// Returns the stream once the peer answered 200, with the peer's verified identity.
     pub async fn connect<D, F>(
         &self,
         src: &SpiffeId,
         tunnel: SocketAddr,
         authority: SocketAddr,
+        protocol: Option<AppProtocol>,
         allowed_peers: &[SpiffeId],
         dial: D,
     ) -> Result<(HboneStream, SpiffeId), ConnectError>
@@ -311,7 +314,7 @@ impl HbonePool {
                         return Err(ConnectError::Request { tunnel, authority, source });
                     }
                 };
-                let request = connect_request(authority)
+                let request = connect_request(authority, protocol)
                     .map_err(|source| ConnectError::Authority { authority, source })?;
                 match conn.send.send_request(request, false) {
                     Ok((response, send_stream)) => {
@@ -421,9 +424,17 @@ impl PoolInner {
 }
 
 /// The authority-form CONNECT request for `authority`.
-fn connect_request(authority: SocketAddr) -> Result<Request<()>, http::uri::InvalidUri> {
+fn connect_request(
+    authority: SocketAddr,
+    protocol: Option<AppProtocol>,
+) -> Result<Request<()>, http::uri::InvalidUri> {
     let mut request = Request::new(());
     *request.method_mut() = Method::CONNECT;
+    if let Some(protocol) = protocol {
+        request
+            .headers_mut()
+            .insert(super::PROTOCOL_HEADER, http::HeaderValue::from_static(protocol.as_str()));
+    }
     // A bare `ip:port` parses as an authority-form URI: no scheme, no path, as CONNECT requires.
     *request.uri_mut() = Uri::try_from(authority.to_string())?;
     Ok(request)
@@ -507,7 +518,7 @@ mod tests {
 
     /// A server that accepts every CONNECT and keeps the tunnel until the client ends it.
     async fn holding_server(mesh: &Mesh) -> super::super::test_support::TestServer {
-        start_server(mesh.server_config(), |_, _| async {
+        start_server(mesh.server_config(), |_, _, _| async {
             Ok(|mut s: HboneStream| async move {
                 let mut sink = Vec::new();
                 let _ = s.read_to_end(&mut sink).await;
@@ -623,7 +634,7 @@ mod tests {
         let imposter_config = Arc::new(mesh.store.server_config_for(&mesh.imposter).unwrap());
         let server = {
             let handled = handled.clone();
-            start_server(imposter_config, move |_, _| {
+            start_server(imposter_config, move |_, _, _| {
                 handled.fetch_add(1, Ordering::SeqCst);
                 async { Ok(|s: HboneStream| async move { drop(s) }) }
             })

@@ -20,6 +20,12 @@ pub use stream::HboneStream;
 /// The port HBONE listens on in every enrolled pod.
 pub const TUNNEL_PORT: u16 = 15008;
 
+/// CONNECT header in which the source agent says the target port's declared protocol (a Kubernetes
+/// `appProtocol` value), so the destination does not inspect a port whose protocol is known. A
+/// wrong value cannot weaken policy: `tcp` gets the strict L4 decision, and bytes that are not
+/// HTTP are never served as HTTP.
+pub const PROTOCOL_HEADER: &str = "x-ferry-app-protocol";
+
 /// Receive window per stream: what one tunnel may have in flight, and so the most one tunnel can
 /// make the receiver buffer. 1 MiB keeps a bulk stream near line rate at sub-millisecond RTTs.
 const STREAM_WINDOW: u32 = 1 << 20;

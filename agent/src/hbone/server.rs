@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::stream::HboneStream;
 use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
+use crate::config::AppProtocol;
 use crate::identity::tls::ALPN_H2;
 use crate::identity::verifier::peer_identity;
 use crate::identity::{Rejection, SpiffeId};
@@ -123,7 +124,7 @@ pub enum ServeError {
 }
 
 /// Serves one accepted HBONE connection until the client closes it. For each CONNECT, `handler`
-/// gets the target and the client's identity and either refuses (the refusal's status is sent) or
+/// gets the target, the client's identity and the protocol the client declared for the target and either refuses (the refusal's status is sent) or
 /// returns a relay, which receives the tunnel after the 200 is sent. Streams run concurrently, one
 /// task each.
 pub async fn serve<H, F, R, RF>(
@@ -132,7 +133,7 @@ pub async fn serve<H, F, R, RF>(
     handler: H,
 ) -> Result<(), ServeError>
 where
-    H: Fn(SocketAddr, SpiffeId) -> F + Clone + Send + Sync + 'static,
+    H: Fn(SocketAddr, SpiffeId, Option<AppProtocol>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<R, Refusal>> + Send + 'static,
     R: FnOnce(HboneStream) -> RF + Send + 'static,
     RF: Future<Output = ()> + Send + 'static,
@@ -184,7 +185,7 @@ async fn serve_stream<H, F, R, RF>(
     peer: SpiffeId,
     handler: H,
 ) where
-    H: Fn(SocketAddr, SpiffeId) -> F,
+    H: Fn(SocketAddr, SpiffeId, Option<AppProtocol>) -> F,
     F: Future<Output = Result<R, Refusal>>,
     R: FnOnce(HboneStream) -> RF,
     RF: Future<Output = ()>,
@@ -196,7 +197,12 @@ async fn serve_stream<H, F, R, RF>(
         tracing::debug!(%peer, uri = %request.uri(), "HBONE CONNECT with a malformed target");
         return reply(&mut respond, StatusCode::BAD_REQUEST);
     };
-    let relay = match handler(authority, peer.clone()).await {
+    let protocol = request
+        .headers()
+        .get(super::PROTOCOL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(AppProtocol::parse);
+    let relay = match handler(authority, peer.clone(), protocol).await {
         Ok(relay) => relay,
         Err(refusal) => {
             let (status, reason) = (refusal.status, &refusal.reason);
@@ -253,7 +259,7 @@ mod tests {
     async fn counting_server(mesh: &Mesh) -> (TestServer, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         let counter = calls.clone();
-        let server = start_server(mesh.server_config(), move |_, _| {
+        let server = start_server(mesh.server_config(), move |_, _, _| {
             counter.fetch_add(1, Ordering::SeqCst);
             async {
                 Ok(|mut s: HboneStream| async move {
@@ -319,7 +325,7 @@ mod tests {
         let mesh = Mesh::new();
         // Each handler call waits for the other: handling them one at a time would never finish.
         let both_deciding = Arc::new(Barrier::new(2));
-        let server = start_server(mesh.server_config(), move |_, _| {
+        let server = start_server(mesh.server_config(), move |_, _, _| {
             let both_deciding = both_deciding.clone();
             async move {
                 both_deciding.wait().await;
@@ -351,7 +357,7 @@ mod tests {
             tcp
         });
         let (tcp, _) = listener.accept().await.unwrap();
-        let never = |_, _| async { Ok(|s: HboneStream| async move { drop(s) }) };
+        let never = |_, _, _| async { Ok(|s: HboneStream| async move { drop(s) }) };
         let err = serve(mesh.server_config(), tcp, never).await.unwrap_err();
         assert!(matches!(err, ServeError::Tls { .. }), "{err}");
         drop(client);

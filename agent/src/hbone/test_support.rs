@@ -1,6 +1,7 @@
 //! Fixtures for the HBONE tests: an identity store with real certificates from the embedded CA,
 //! an HBONE server on loopback that counts the TCP connections it accepts, and upstream apps.
 
+use crate::config::AppProtocol;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -108,7 +109,7 @@ impl Drop for TestServer {
 /// Starts an HBONE server with `handler` on a loopback port.
 pub async fn start_server<H, F, R, RF>(config: Arc<ServerConfig>, handler: H) -> TestServer
 where
-    H: Fn(SocketAddr, SpiffeId) -> F + Clone + Send + Sync + 'static,
+    H: Fn(SocketAddr, SpiffeId, Option<AppProtocol>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<R, Refusal>> + Send + 'static,
     R: FnOnce(HboneStream) -> RF + Send + 'static,
     RF: Future<Output = ()> + Send + 'static,
@@ -137,7 +138,7 @@ where
 
 /// A server that refuses every CONNECT with `refusal`.
 pub async fn refusing_server(mesh: &Mesh, refusal: Refusal) -> TestServer {
-    start_server(mesh.server_config(), move |_, _| {
+    start_server(mesh.server_config(), move |_, _, _| {
         std::future::ready(Err::<fn(HboneStream) -> std::future::Ready<()>, _>(refusal.clone()))
     })
     .await
@@ -164,7 +165,7 @@ pub async fn relaying_server(
     config: Arc<ServerConfig>,
 ) -> (TestServer, tokio::sync::mpsc::UnboundedReceiver<RelayReport>) {
     let (reports, received) = tokio::sync::mpsc::unbounded_channel();
-    let server = start_server(config, move |target, peer| {
+    let server = start_server(config, move |target, peer, _| {
         let reports = reports.clone();
         async move {
             let mut upstream =
@@ -224,7 +225,7 @@ pub async fn tunnel_to(
     target: SocketAddr,
 ) -> Result<(HboneStream, SpiffeId), ConnectError> {
     let allowed = [mesh.server.clone()];
-    let connect = pool.connect(&mesh.client, server.addr, target, &allowed, TcpStream::connect);
+    let connect = pool.connect(&mesh.client, server.addr, target, None, &allowed, TcpStream::connect);
     tokio::time::timeout(Duration::from_secs(10), connect).await.expect("HBONE connect timed out")
 }
 

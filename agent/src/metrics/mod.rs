@@ -5,6 +5,7 @@
 //! connection ids never become labels.
 
 mod bpf;
+pub mod requests;
 pub mod server;
 
 use std::{sync::Arc, time::Duration};
@@ -15,6 +16,7 @@ use prometheus::{
 };
 
 pub use bpf::{BpfCounterSource, BpfRedirects, RedirectDirection};
+pub use requests::RequestSample;
 pub use server::{DEFAULT_ADDR, MetricsServer};
 
 /// Istio's L4 label names, in the order [`ConnLabels::values`] returns them.
@@ -212,6 +214,7 @@ pub struct Metrics {
     received: IntCounterVec,
     duration: HistogramVec,
     denials: IntCounterVec,
+    requests: requests::RequestFamilies,
     bpf: Arc<bpf::BpfCollector>,
 }
 
@@ -262,6 +265,8 @@ impl Metrics {
         .map_err(|source| MetricsError::Register { name, source })?;
         register(&registry, name, Box::new(denials.clone()))?;
 
+        let requests = requests::RequestFamilies::new(&registry)?;
+
         let bpf = Arc::new(bpf::BpfCollector::new()?);
         register(&registry, bpf::FAMILY, Box::new(bpf::Registered(bpf.clone())))?;
 
@@ -275,7 +280,7 @@ impl Metrics {
         let process = prometheus::process_collector::ProcessCollector::for_self();
         register(&registry, "process_*", Box::new(process))?;
 
-        Ok(Self { registry, opened, closed, failed, sent, received, duration, denials, bpf })
+        Ok(Self { registry, opened, closed, failed, sent, received, duration, denials, requests, bpf })
     }
 
     /// Resolves a connection's label values once; the handle then counts without lookups.
@@ -322,6 +327,16 @@ impl Metrics {
             reason,
         ];
         self.denials.with_label_values(&values).inc();
+    }
+
+    /// Counts one finished HTTP request in Istio's request families.
+    pub fn request(&self, sample: &RequestSample<'_>) {
+        self.requests.observe(sample);
+    }
+
+    /// Counts a request the HTTP layer refused with 400 before policy, with the reason.
+    pub fn rejected_request(&self, labels: &ConnLabels, reason: &str) {
+        self.requests.rejected(labels, reason);
     }
 
     /// Sets where `ferry_bpf_redirects_total` is read from at each scrape (the datapath loads after

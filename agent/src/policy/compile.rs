@@ -119,8 +119,6 @@ pub(super) enum HttpTest {
     Path(Vec<PathMatch>),
     /// `request.headers[NAME]` (name lower-cased).
     Header(String, Vec<StrMatch>),
-    /// `requestPrincipals` and `request.auth.*`: need JWT validation.
-    RequestAuth(Vec<StrMatch>),
     /// `remoteIpBlocks` and `remote.ip`: from X-Forwarded-For.
     RemoteIp(Vec<IpNet>),
     /// `connection.sni`: the app's own TLS, which the node proxy does not terminate.
@@ -408,12 +406,11 @@ fn compile_source(path: &str, s: model::Source) -> Result<Clause, FieldError> {
             push(name, negated, Test::SourceIp(ip_blocks(path, name, v)?));
         }
     }
-    for (name, negated, list) in [
-        ("requestPrincipals", false, &s.request_principals),
-        ("notRequestPrincipals", true, &s.not_request_principals),
-    ] {
-        if let Some(v) = values(path, name, list)? {
-            push(name, negated, Test::Http(HttpTest::RequestAuth(strings(v))));
+    for (name, list) in
+        [("requestPrincipals", &s.request_principals), ("notRequestPrincipals", &s.not_request_principals)]
+    {
+        if values(path, name, list)?.is_some() {
+            return Err(jwt_unsupported(format!("{path}.{name}"), name));
         }
     }
     for (name, negated, list) in
@@ -493,7 +490,7 @@ fn condition_test(path: &str, name: &str, key: &str, list: &[String]) -> Result<
         "remote.ip" => Test::Http(HttpTest::RemoteIp(ip_blocks(path, name, list)?)),
         "connection.sni" => Test::Http(HttpTest::Sni(strings(list))),
         "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => {
-            Test::Http(HttpTest::RequestAuth(strings(list)))
+            return Err(jwt_unsupported(format!("{path}.key"), key));
         }
         _ => {
             if let Some(header) = bracketed(key, "request.headers") {
@@ -505,7 +502,7 @@ fn condition_test(path: &str, name: &str, key: &str, list: &[String]) -> Result<
                 if claim.is_empty() {
                     return Err(FieldError::new(format!("{path}.key"), format!("{key:?} names no claim")));
                 }
-                Test::Http(HttpTest::RequestAuth(strings(list)))
+                return Err(jwt_unsupported(format!("{path}.key"), key));
             } else if key.starts_with("experimental.") {
                 return Err(FieldError::new(
                     format!("{path}.key"),
@@ -516,6 +513,17 @@ fn condition_test(path: &str, name: &str, key: &str, list: &[String]) -> Result<
             }
         }
     })
+}
+
+/// Request principals and claims come from a validated JWT, which Ferry does not validate: a rule
+/// on them is refused rather than left to match nothing.
+fn jwt_unsupported(field: String, what: &str) -> FieldError {
+    FieldError::new(
+        field,
+        format!(
+            "{what:?} is not supported by Ferry: it needs JWT validation (RequestAuthentication), which Ferry does not do"
+        ),
+    )
 }
 
 /// `NAME` from `prefix[NAME]`.

@@ -340,24 +340,30 @@ impl Authorizer {
 
     /// Decides a plain-TCP connection to `workload` (`namespace/name`): DENY first, then ALLOW.
     pub fn decide(&self, workload: &str, conn: &Connection<'_>) -> Decision {
-        self.decide_with(workload, conn, None)
+        self.decide_at(workload, &At { conn, req: None, unread: false })
     }
 
     /// Decides one HTTP request on `conn`: the HTTP fields now mean what Istio says.
     pub fn decide_request(&self, workload: &str, conn: &Connection<'_>, req: &Request<'_>) -> Decision {
-        self.decide_with(workload, conn, Some(req))
+        self.decide_at(workload, &At { conn, req: Some(req), unread: false })
     }
 
-    fn decide_with(&self, workload: &str, conn: &Connection<'_>, req: Option<&Request<'_>>) -> Decision {
+    /// Decides a connection that may carry HTTP whose requests are not read yet: denied only when
+    /// every request on it would be (a DENY on L4 fields alone, or no ALLOW any request could
+    /// match). Each request is then decided by [`Authorizer::decide_request`].
+    pub fn decide_unread(&self, workload: &str, conn: &Connection<'_>) -> Decision {
+        self.decide_at(workload, &At { conn, req: None, unread: true })
+    }
+
+    fn decide_at(&self, workload: &str, at: &At<'_>) -> Decision {
         if self.failed.is_some() {
             return Decision::deny(Reason::PolicyError);
         }
         let Some(s) = self.by_workload.get(workload) else { return Decision::deny(Reason::UnknownWorkload) };
-        let at = At { conn, req };
-        let enforced = self.outcome(&at, s.deny.iter(), s.allow.iter());
+        let enforced = self.outcome(at, s.deny.iter(), s.allow.iter());
         let dry_run = (!s.dry_deny.is_empty() || !s.dry_allow.is_empty())
-            .then(|| self.outcome(&at, s.deny.iter().chain(&s.dry_deny), s.allow.iter().chain(&s.dry_allow)));
-        let audit = s.audit.iter().find_map(|&i| self.first_match(i, &at));
+            .then(|| self.outcome(at, s.deny.iter().chain(&s.dry_deny), s.allow.iter().chain(&s.dry_allow)));
+        let audit = s.audit.iter().find_map(|&i| self.first_match(i, at));
         Decision { enforced, dry_run, audit }
     }
 
@@ -399,7 +405,7 @@ impl Authorizer {
     /// Explains a decision: every policy of the workload's namespace and the root namespace, whether
     /// it selects the workload, and why it matched or not.
     pub fn explain(&self, workload: WorkloadRef<'_>, conn: &Connection<'_>) -> Vec<Considered> {
-        self.explain_with(workload, &At { conn, req: None })
+        self.explain_with(workload, &At { conn, req: None, unread: false })
     }
 
     /// Explains the decision on one HTTP request, as [`Authorizer::explain`] does for TCP.
@@ -409,7 +415,7 @@ impl Authorizer {
         conn: &Connection<'_>,
         req: &Request<'_>,
     ) -> Vec<Considered> {
-        self.explain_with(workload, &At { conn, req: Some(req) })
+        self.explain_with(workload, &At { conn, req: Some(req), unread: false })
     }
 
     fn explain_with(&self, workload: WorkloadRef<'_>, conn: &At<'_>) -> Vec<Considered> {
@@ -468,12 +474,14 @@ impl Authorizer {
 struct At<'a> {
     conn: &'a Connection<'a>,
     req: Option<&'a Request<'a>>,
+    /// HTTP whose requests are not read yet: HTTP parts may match an ALLOW and never make a DENY.
+    unread: bool,
 }
 
 fn rule_matches(rule: &Rule, at: &At<'_>, deny: bool) -> bool {
     // Plain TCP has no HTTP attributes: an ALLOW or AUDIT rule that needs them never matches, and a
     // DENY rule counts them as matched, so the deny covers the whole connection. Both fail closed.
-    if rule.needs_http && !deny && at.req.is_none() {
+    if rule.needs_http && !deny && at.req.is_none() && !at.unread {
         return false;
     }
     any_or_empty(&rule.from, at, deny)
@@ -508,8 +516,9 @@ fn holds(p: &Predicate, at: &At<'_>, deny: bool) -> bool {
         Test::DestinationIp(nets) => ip_in(nets, conn.destination_ip),
         Test::DestinationPort(ports) => ports.contains(&conn.destination_port),
         Test::Http(test) => match at.req {
-            // Only DENY rules get here on plain TCP (see rule_matches): the part counts as matched.
-            None => return deny,
+            // On plain TCP only DENY rules get here (see rule_matches): the part counts as matched.
+            // Before the requests are read, it may let an ALLOW match but never makes a DENY.
+            None => return if at.unread { !deny } else { deny },
             Some(req) => http_hit(test, req, conn, deny != p.negated),
         },
     };
@@ -525,8 +534,6 @@ fn http_hit(test: &HttpTest, req: &Request<'_>, conn: &Connection<'_>, lenient: 
         HttpTest::Method(v) => v.iter().any(|m| m.matches(req.method)),
         HttpTest::Path(v) => v.iter().any(|m| m.matches(req.path)),
         HttpTest::Header(name, v) => header_hit(req.headers, name, v, lenient),
-        // No JWT is validated, so no request has a request principal or claims.
-        HttpTest::RequestAuth(_) => false,
         // Without trusted proxies, the remote address is the connection's source.
         HttpTest::RemoteIp(nets) => conn.source_ip.is_some_and(|ip| ip_in(nets, ip)),
         // The app's own TLS is not terminated here: there is no SNI to see.
@@ -606,7 +613,6 @@ fn value_of(p: &Predicate, at: &At<'_>) -> String {
                     r.headers.get_all(name.as_str()).iter().filter_map(|h| h.to_str().ok()).collect();
                 if values.is_empty() { "(absent)".into() } else { format!("{values:?}") }
             }
-            (HttpTest::RequestAuth(_), Some(_)) => "(none: no JWT is validated)".into(),
             (HttpTest::RemoteIp(_), Some(_)) => {
                 conn.source_ip.map_or("(unknown)".into(), |ip| ip.to_string())
             }
@@ -623,11 +629,9 @@ fn values_of(p: &Predicate) -> String {
         Test::SourceIp(n) | Test::DestinationIp(n) => n.iter().map(|n| n.to_string()).collect(),
         Test::DestinationPort(ports) => ports.iter().map(|p| p.to_string()).collect(),
         Test::Http(t) => match t {
-            HttpTest::Host(v)
-            | HttpTest::Method(v)
-            | HttpTest::Header(_, v)
-            | HttpTest::RequestAuth(v)
-            | HttpTest::Sni(v) => v.iter().map(|m| m.to_string()).collect(),
+            HttpTest::Host(v) | HttpTest::Method(v) | HttpTest::Header(_, v) | HttpTest::Sni(v) => {
+                v.iter().map(|m| m.to_string()).collect()
+            }
             HttpTest::Path(v) => v.iter().map(|m| m.to_string()).collect(),
             HttpTest::RemoteIp(n) => n.iter().map(|n| n.to_string()).collect(),
         },

@@ -585,7 +585,6 @@ fn http_fields_on_tcp_fail_closed() {
         ("paths", "  rules:\n  - to:\n    - operation:\n        paths: [\"/admin*\"]\n"),
         ("hosts", "  rules:\n  - to:\n    - operation:\n        hosts: [\"example.com\"]\n"),
         ("notMethods", "  rules:\n  - to:\n    - operation:\n        notMethods: [\"DELETE\"]\n"),
-        ("requestPrincipals", "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n"),
         ("remoteIpBlocks", "  rules:\n  - from:\n    - source:\n        remoteIpBlocks: [\"10.0.0.0/8\"]\n"),
         ("header", "  rules:\n  - when:\n    - key: request.headers[x-foo]\n      values: [\"foo\"]\n"),
         ("sni", "  rules:\n  - when:\n    - key: connection.sni\n      values: [\"a.example\"]\n"),
@@ -724,8 +723,8 @@ spec:
         methods: ["POST"]
         paths: ["/data"]
     when:
-    - key: request.auth.claims[iss]
-      values: ["https://accounts.google.com"]
+    - key: request.headers[x-team]
+      values: ["payments"]
 "#;
     let policies = parse_file(Path::new("istio.yaml"), yaml).expect("Istio's example");
     assert_eq!(policies.len(), 1);
@@ -813,6 +812,22 @@ fn validation_errors_name_the_field_and_the_value() {
         (
             "  rules:\n  - from:\n    - source:\n        principals: {a: b}\n",
             "spec.rules[0].from[0].source.principals",
+        ),
+        (
+            "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n",
+            "spec.rules[0].from[0].source.requestPrincipals: \"requestPrincipals\" is not supported by Ferry: it needs JWT validation",
+        ),
+        (
+            "  rules:\n  - from:\n    - source:\n        notRequestPrincipals: [\"*\"]\n",
+            "\"notRequestPrincipals\" is not supported by Ferry",
+        ),
+        (
+            "  rules:\n  - when:\n    - key: request.auth.claims[iss]\n      values: [\"a\"]\n",
+            "spec.rules[0].when[0].key: \"request.auth.claims[iss]\" is not supported by Ferry",
+        ),
+        (
+            "  rules:\n  - when:\n    - key: request.auth.principal\n      values: [\"a\"]\n",
+            "\"request.auth.principal\" is not supported by Ferry",
         ),
     ];
     for (spec, want) in cases {
@@ -1020,13 +1035,6 @@ fn http_not_forms_templates_and_tcp_only_rules() {
     ));
     assert_eq!(decide_http(&tmpl, "GET", "h", "/api/v1/items/7/x", &[]), ALLOW);
     assert_eq!(decide_http(&tmpl, "GET", "h", "/api/v1/v2/items/7", &[]), DENY);
-    // Without a JWT there is no request principal: an ALLOW on one never matches.
-    let jwt = authorizer(&doc(
-        "demo",
-        "jwt",
-        "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n",
-    ));
-    assert_eq!(decide_http(&jwt, "GET", "h", "/", &[]), DENY);
     // An L4-only rule decides HTTP requests just as it decides TCP.
     let l4 = authorizer(&doc(
         "demo",
@@ -1048,4 +1056,40 @@ fn path_template_errors_name_the_value() {
         err.contains("spec.rules[0].to[0].operation.paths[0]: \"/a/{**}/b\": {**} must be the last segment"),
         "{err}"
     );
+}
+
+/// Before its requests are read, an HTTP connection is refused only when no request could pass.
+#[test]
+fn unread_http_is_denied_only_when_every_request_would_be() {
+    let conn = Connection {
+        source_ip: Some("10.9.0.1".parse().unwrap()),
+        peer: None,
+        destination_ip: "10.1.0.2".parse().unwrap(),
+        destination_port: 80,
+    };
+    let unread = |yaml: &str| authorizer(yaml).decide_unread("demo/echo", &conn).enforced.verdict;
+    let get_only = doc("demo", "get", "  rules:\n  - to:\n    - operation:\n        methods: [\"GET\"]\n");
+    assert_eq!(unread(&get_only), ALLOW, "a GET could pass");
+    let not_get = doc("demo", "nget", "  rules:\n  - to:\n    - operation:\n        notMethods: [\"GET\"]\n");
+    assert_eq!(unread(&not_get), ALLOW, "a POST could pass");
+    let deny_admin = doc(
+        "demo",
+        "admin",
+        "  action: DENY\n  rules:\n  - to:\n    - operation:\n        paths: [\"/admin*\"]\n",
+    );
+    assert_eq!(unread(&deny_admin), ALLOW, "only some requests are denied");
+    let deny_lan = doc(
+        "demo",
+        "lan",
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.9.0.0/16\"]\n",
+    );
+    assert_eq!(unread(&deny_lan), DENY, "an L4 DENY covers every request");
+    let other_source = doc(
+        "demo",
+        "other",
+        "  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.8.0.0/16\"]\n    to:\n    - operation:\n        methods: [\"GET\"]\n",
+    );
+    assert_eq!(unread(&other_source), DENY, "no request from 10.9/16 can match");
+    // On plain TCP the same GET-only policy never matches.
+    assert_eq!(authorizer(&get_only).decide("demo/echo", &conn).enforced.verdict, DENY);
 }

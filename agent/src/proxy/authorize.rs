@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::{ProxyShared, conns::ConnMeta};
+use crate::metrics::ConnLabels;
 use crate::{
     identity::SpiffeId,
     policy::{Authorizer, Connection, Decision, Outcome, Peer, Reason, Verdict},
@@ -21,9 +22,20 @@ pub struct AuthzSubject {
     pub peer: Option<SpiffeId>,
     /// The original destination (the app's address and port).
     pub destination: SocketAddr,
+    /// The connection may carry HTTP whose requests are each decided: the connection itself is
+    /// denied only when no request could pass ([`Authorizer::decide_unread`]).
+    pub http: bool,
 }
 
 impl AuthzSubject {
+    fn decide(&self, authz: &Authorizer) -> Decision {
+        if self.http {
+            authz.decide_unread(&self.workload, &self.connection())
+        } else {
+            authz.decide(&self.workload, &self.connection())
+        }
+    }
+
     fn connection(&self) -> Connection<'_> {
         Connection {
             source_ip: self.source_ip,
@@ -103,7 +115,7 @@ impl ProxyShared {
     /// connection before the app is dialled.
     pub(super) fn authorize(&self, meta: &mut ConnMeta, subject: AuthzSubject) -> Result<(), String> {
         let state = self.state();
-        let decision = state.authz.decide(&subject.workload, &subject.connection());
+        let decision = subject.decide(&state.authz);
         let rec = record(&state.authz, &decision);
         log_side_effects(&rec, &subject);
         let denied = (!decision.allowed()).then(|| {
@@ -118,12 +130,30 @@ impl ProxyShared {
         }
     }
 
+    /// Decides one HTTP request on the connection `subject` describes, counting a denial under
+    /// `labels`; AUDIT and dry-run outcomes are logged as for connections.
+    pub(super) fn authorize_request(
+        &self,
+        labels: &ConnLabels,
+        subject: &AuthzSubject,
+        request: &crate::policy::Request<'_>,
+    ) -> AuthzRecord {
+        let state = self.state();
+        let decision = state.authz.decide_request(&subject.workload, &subject.connection(), request);
+        let rec = record(&state.authz, &decision);
+        log_side_effects(&rec, subject);
+        if !decision.allowed() {
+            self.metrics.denied(labels, rec.policy.as_deref().unwrap_or(""), rec.reason.as_str());
+        }
+        rec
+    }
+
     /// Re-decides every live inbound connection with the current policies and closes the ones now
     /// denied, each with a close reason naming the policy; returns how many were closed.
     pub fn recheck_connections(&self) -> usize {
         let state = self.state();
         self.conns.close_where(|meta, subject| {
-            let decision = state.authz.decide(&subject.workload, &subject.connection());
+            let decision = subject.decide(&state.authz);
             if decision.allowed() {
                 return None;
             }
@@ -196,6 +226,7 @@ mod tests {
             labels: ConnLabels::unknown(Reporter::Destination),
             authz: None,
             subject: None,
+            protocol: Default::default(),
         }
     }
 
@@ -205,6 +236,7 @@ mod tests {
             source_ip: Some(src.parse().expect("ip")),
             peer: None,
             destination: "10.1.0.2:8080".parse().expect("addr"),
+            http: false,
         }
     }
 

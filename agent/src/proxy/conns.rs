@@ -55,6 +55,31 @@ pub struct ConnMeta {
     pub authz: Option<AuthzRecord>,
     /// What the decision looked at, so the connection is re-checked when policies change.
     pub subject: Option<AuthzSubject>,
+    /// What the connection carries, once known.
+    pub protocol: Carried,
+}
+
+/// What a relayed connection carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Carried {
+    /// Opaque bytes.
+    #[default]
+    Tcp,
+    /// HTTP/1.1, served by the HTTP layer.
+    Http1,
+    /// HTTP/2, served by the HTTP layer.
+    Http2,
+}
+
+impl Carried {
+    /// The name `ferry connections` and the records use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Carried::Tcp => "tcp",
+            Carried::Http1 => "http/1.1",
+            Carried::Http2 => "h2",
+        }
+    }
 }
 
 impl ConnMeta {
@@ -66,6 +91,7 @@ impl ConnMeta {
             "endpoint": self.endpoint.map(|e| e.to_string()), "endpoint_pod": self.endpoint_pod,
             "service": self.service, "security": security_str(self.security),
             "src_identity": self.source_identity, "dst_identity": self.destination_identity,
+            "protocol": self.protocol.as_str(),
         });
         extend(&mut record, authz_fields(self.authz.as_ref()));
         record
@@ -97,7 +123,8 @@ fn security_str(s: SecurityPolicy) -> &'static str {
 /// A connection being relayed.
 struct Live {
     meta: ConnMeta,
-    stats: RelayStats,
+    stats: Arc<RelayStats>,
+    requests: Arc<std::sync::atomic::AtomicU64>,
     started: Instant,
     closer: Closer,
 }
@@ -201,6 +228,8 @@ fn view(l: &Live) -> ConnectionView {
         source_identity: m.source_identity.clone(),
         destination_identity: m.destination_identity.clone(),
         security: Some(security_str(m.security).to_owned()),
+        protocol: Some(m.protocol.as_str().to_owned()),
+        requests: l.requests.load(Relaxed),
         // Istio's convention: received is what came from the source, sent what went back to it.
         bytes_received: l.stats.sent.load(Relaxed),
         bytes_sent: l.stats.received.load(Relaxed),
@@ -232,6 +261,32 @@ impl OpenConn<'_> {
             reason = relay(downstream, upstream, stats) => reason,
             reason = self.live.closer.closed() => CloseReason::Closed(reason),
         }
+    }
+
+    /// Runs `serve` (the HTTP layer) until it ends or the connection is closed from outside.
+    pub async fn serve<F>(&self, serve: F) -> CloseReason
+    where
+        F: Future<Output = CloseReason>,
+    {
+        tokio::select! {
+            reason = serve => reason,
+            reason = self.live.closer.closed() => CloseReason::Closed(reason),
+        }
+    }
+
+    /// The byte counters, for a stream wrapper that outlives this borrow (the HTTP layer's).
+    pub fn stats_handle(&self) -> Arc<RelayStats> {
+        self.live.stats.clone()
+    }
+
+    /// The counter of HTTP requests on this connection (shown by `ferry connections`).
+    pub fn request_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.live.requests.clone()
+    }
+
+    /// The connection's record.
+    pub fn meta(&self) -> &ConnMeta {
+        &self.live.meta
     }
 
     /// Records the end of the connection: events, access log, metrics, and out of the live table.
@@ -298,7 +353,8 @@ impl ProxyShared {
         }
         let live = Arc::new(Live {
             meta,
-            stats: RelayStats::default(),
+            stats: Arc::default(),
+            requests: Default::default(),
             started: Instant::now(),
             closer: Closer::default(),
         });

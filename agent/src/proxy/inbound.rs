@@ -10,10 +10,10 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PodContext, authorize::AuthzSubject, conns::ConnMeta, sockets::connect_from};
+use super::{PodContext, authorize::AuthzSubject, conns::ConnMeta, deliver, sockets::connect_from};
 use crate::{
     admin::model::Direction,
-    config::Mode,
+    config::{AppProtocol, Mode},
     metrics::{ConnLabels, Reporter, SecurityPolicy},
 };
 
@@ -50,11 +50,12 @@ pub(super) fn inbound_meta(
         labels,
         authz: None,
         subject: None,
+        protocol: Default::default(),
     }
 }
 
 /// Handles one accepted inbound plaintext connection.
-pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
+pub async fn handle(down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     let shared = &pod.shared;
     let id = shared.next_id();
     let orig = match shared.orig_dst.inbound(&down) {
@@ -75,25 +76,27 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         shared.reject_conn(&meta, "conn_refused", "destination is a proxy port");
         return;
     }
+    let declared = deliver::declared(&pod, orig.port());
     // Plaintext has no principal: only the source address is known to policy.
     let subject = AuthzSubject {
         workload: pod.key.clone(),
         source_ip: Some(peer.ip().to_canonical()),
         peer: None,
         destination: orig,
+        http: declared != Some(AppProtocol::Tcp),
     };
     if let Err(denied) = shared.authorize(&mut meta, subject) {
         shared.reject_conn(&meta, "conn_refused", &denied);
         return;
     }
-    let mut up = match connect_to_app(&pod, orig).await {
+    let up = match connect_to_app(&pod, orig).await {
         Ok(up) => up,
         Err(e) => {
             shared.reject_conn(&meta, "conn_failed", &e.to_string());
             return;
         }
     };
-    shared.relay_conn(meta, &mut down, &mut up).await;
+    deliver::deliver(&pod, meta, down, up, declared).await;
 }
 
 /// Connects to the app on loopback of the same family; an app listening on only the other family's

@@ -3,6 +3,7 @@
 pub mod authorize;
 pub mod balance;
 pub mod conns;
+pub mod deliver;
 pub mod inbound;
 pub mod mtls;
 pub mod orig_dst;

@@ -54,13 +54,14 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         labels,
         authz: None,
         subject: None,
+        protocol: Default::default(),
     };
-    let (target, _pick) = match state.routes.resolve(orig) {
-        Ok(Resolved::Direct(addr)) => (addr, None),
+    let (target, _pick, mut protocol) = match state.routes.resolve(orig) {
+        Ok(Resolved::Direct(addr)) => (addr, None, None),
         Ok(Resolved::Service { route, pick }) => {
             meta.service = Some(route.name.clone());
             meta.labels.destination_service = route.name.clone();
-            (pick.target, Some(pick))
+            (pick.target, Some(pick), route.protocol)
         }
         Err(e) => {
             shared.reject_conn(&meta, "conn_failed", &e.to_string());
@@ -70,6 +71,7 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
     meta.endpoint = Some(target);
     let dst_pod = state.config.pod_by_ip(target.ip());
     if let Some(dst) = dst_pod {
+        protocol = state.config.declared_protocol(dst, target.port()).or(protocol);
         meta.endpoint_pod = Some(dst.key());
         meta.labels.destination_workload = dst.name.clone();
         meta.labels.destination_workload_namespace = dst.namespace.clone();
@@ -97,14 +99,15 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         let tunnel = SocketAddr::new(target.ip(), shared.ports.tunnel);
         let netns = pod.netns.clone();
         let dial = move |addr| async move { connect_from(&netns, addr).await };
-        let (mut stream, peer_id) = match mtls.pool.connect(src_id, tunnel, target, &[dst_id], dial).await {
-            Ok(ok) => ok,
-            Err(e) => {
-                // Fail closed: never fall back to plaintext for a mesh destination.
-                shared.reject_conn(&meta, "conn_failed", &format!("{e:#}"));
-                return;
-            }
-        };
+        let (mut stream, peer_id) =
+            match mtls.pool.connect(src_id, tunnel, target, protocol, &[dst_id], dial).await {
+                Ok(ok) => ok,
+                Err(e) => {
+                    // Fail closed: never fall back to plaintext for a mesh destination.
+                    shared.reject_conn(&meta, "conn_failed", &format!("{e:#}"));
+                    return;
+                }
+            };
         meta.destination_identity = Some(peer_id.to_string());
         meta.labels.destination_principal = peer_id.to_string();
         shared.relay_conn(meta, &mut down, &mut stream).await;

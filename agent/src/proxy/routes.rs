@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
-use crate::config::MeshConfig;
+use crate::config::{AppProtocol, MeshConfig};
 
 use super::balance::{Balancer, Endpoint, Pick};
 
@@ -12,6 +12,8 @@ use super::balance::{Balancer, Endpoint, Pick};
 pub struct ServiceRoute {
     /// "namespace/name".
     pub name: String,
+    /// The port's declared protocol, told to the destination agent.
+    pub protocol: Option<AppProtocol>,
     balancer: Balancer,
 }
 
@@ -62,7 +64,11 @@ impl Routes {
                         )
                     })
                     .collect();
-                let route = Arc::new(ServiceRoute { name: name.clone(), balancer: Balancer::new(endpoints) });
+                let route = Arc::new(ServiceRoute {
+                    name: name.clone(),
+                    protocol: port.protocol,
+                    balancer: Balancer::new(endpoints),
+                });
                 for vip in &svc.vips {
                     by_vip.insert(SocketAddr::new(*vip, port.port), route.clone());
                 }

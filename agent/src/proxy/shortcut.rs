@@ -13,9 +13,11 @@ use super::{
     PodContext,
     authorize::AuthzSubject,
     conns::ConnMeta,
+    deliver,
     inbound::{connect_to_app, inbound_meta},
+    relay::CloseReason,
 };
-use crate::metrics::SecurityPolicy;
+use crate::{config::AppProtocol, metrics::SecurityPolicy};
 
 /// The enrolled context of the pod `dst_key` ("namespace/name") when the shortcut applies from
 /// `src`: the node has a CA, both pods have an identity, and the pod is enrolled on this node.
@@ -32,9 +34,9 @@ pub(super) fn peer(src: &PodContext, dst_key: &str) -> Option<Arc<PodContext>> {
 /// source pod and inbound for the destination pod, both with security `node_local`.
 pub(super) async fn relay_local(
     src: &PodContext,
-    dst: &PodContext,
+    dst: &Arc<PodContext>,
     mut meta: ConnMeta,
-    mut down: TcpStream,
+    down: TcpStream,
     target: SocketAddr,
 ) {
     let shared = &src.shared;
@@ -66,11 +68,13 @@ pub(super) async fn relay_local(
     // The same decision a tunnel would get: the source pod's identity and its own address (the
     // tunnel peer address HBONE would have shown), never the loopback socket the app used.
     let source_ip = src.ips.iter().find(|ip| ip.is_ipv4() == target.is_ipv4()).or(src.ips.first()).copied();
+    let declared = deliver::declared(dst, target.port());
     let subject = AuthzSubject {
         workload: dst.key.clone(),
         source_ip,
         peer: src.identity.clone(),
         destination: target,
+        http: declared != Some(AppProtocol::Tcp),
     };
     if let Err(denied) = shared.authorize(&mut inbound, subject) {
         // The source side records the refusal too, as a 403 from a tunnel would be.
@@ -78,7 +82,7 @@ pub(super) async fn relay_local(
         shared.reject_conn(&meta, "conn_failed", &denied);
         return;
     }
-    let mut app = match connect_to_app(dst, target).await {
+    let app = match connect_to_app(dst, target).await {
         Ok(app) => app,
         Err(e) => {
             for m in [&meta, &inbound] {
@@ -88,14 +92,13 @@ pub(super) async fn relay_local(
         }
     };
     let out = shared.open_conn(meta);
-    let inb = shared.open_conn(inbound);
-    // The inbound record is the one policy changes re-check, so its closer ends the relay.
-    let reason = inb.relay(&mut down, &mut app, out.stats()).await;
-    // One relay carries both records; the inbound one gets the same byte counts at the end.
-    for (from, to) in [(&out.stats().sent, &inb.stats().sent), (&out.stats().received, &inb.stats().received)]
-    {
-        to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-    inb.close(&reason);
+    // The inbound record is the one policy changes re-check and the HTTP layer counts; the outbound
+    // one gets the same totals at the end.
+    let (reason, (sent, received)) = match deliver::deliver(dst, inbound, down, app, declared).await {
+        Some(done) => (done.reason, done.bytes),
+        None => (CloseReason::Closed("refused by the destination's policy".into()), (0, 0)),
+    };
+    out.stats().sent.store(sent, Ordering::Relaxed);
+    out.stats().received.store(received, Ordering::Relaxed);
     out.close(&reason);
 }

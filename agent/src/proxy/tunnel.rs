@@ -10,9 +10,11 @@ use tokio::net::TcpStream;
 use super::{
     PodContext,
     authorize::AuthzSubject,
+    deliver,
     inbound::{connect_to_app, inbound_meta},
 };
 use crate::{
+    config::AppProtocol,
     hbone::{self, HboneStream, Refusal},
     identity::SpiffeId,
     metrics::SecurityPolicy,
@@ -28,7 +30,7 @@ pub async fn handle(
     // One record per TLS connection (many tunnelled app connections share one).
     pod.shared.events.emit(json!({ "event": "tunnel_accept", "pod": pod.key, "src": peer.to_string() }));
     let handler_pod = pod.clone();
-    let handler = move |target: SocketAddr, peer_id: SpiffeId| {
+    let handler = move |target: SocketAddr, peer_id: SpiffeId, told: Option<AppProtocol>| {
         let pod = handler_pod.clone();
         async move {
             let shared = &pod.shared;
@@ -49,26 +51,29 @@ pub async fn handle(
                 shared.reject_conn(&meta, "conn_refused", "destination is a proxy port");
                 return Err(Refusal::forbidden("destination is a proxy port"));
             }
+            // What the source agent says of the port, else what this node's mesh file declares.
+            let declared = told.or_else(|| deliver::declared(&pod, target.port()));
             // After the target check: `ports` in policy is the app's port, never the tunnel's.
             let subject = AuthzSubject {
                 workload: pod.key.clone(),
                 source_ip: Some(peer.ip().to_canonical()),
                 peer: Some(peer_id),
                 destination: target,
+                http: declared != Some(AppProtocol::Tcp),
             };
             if let Err(denied) = shared.authorize(&mut meta, subject) {
                 shared.reject_conn(&meta, "conn_refused", &denied);
                 return Err(Refusal::forbidden(denied));
             }
-            let mut app = match connect_to_app(&pod, target).await {
+            let app = match connect_to_app(&pod, target).await {
                 Ok(app) => app,
                 Err(e) => {
                     shared.reject_conn(&meta, "conn_failed", &e.to_string());
                     return Err(Refusal::unavailable("upstream refused"));
                 }
             };
-            Ok(move |mut stream: HboneStream| async move {
-                pod.shared.relay_conn(meta, &mut stream, &mut app).await;
+            Ok(move |stream: HboneStream| async move {
+                deliver::deliver(&pod, meta, stream, app, declared).await;
             })
         }
     };

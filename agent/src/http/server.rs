@@ -1,0 +1,319 @@
+//! The destination agent's HTTP server: hyper serves HTTP/1.1 or HTTP/2 (prior knowledge) on one
+//! downstream connection, and each request is checked ([`harden`](super::harden)), normalized,
+//! authorized, given correlation headers, and streamed to the app over that connection's own
+//! [`Upstream`]. Every request is reported once, when its response ended.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{
+    body::{BoxError, End, Metered, ProxyBody, grpc_status},
+    harden::{self, Rejection},
+    path::{Normalization, normalize},
+    trace_context,
+    upstream::{Upstream, UpstreamError, Version as UpstreamVersion},
+};
+use crate::policy;
+
+/// Istio's body for a request denied by policy.
+pub const DENIED_BODY: &str = "RBAC: access denied";
+
+/// How long a client may take to send a request head (slow-loris bound).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Concurrent streams one HTTP/2 client may open.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// What the owner of the connection decides and records per request.
+pub trait RequestHooks: Send + Sync + 'static {
+    /// Decides one request.
+    fn authorize(&self, request: &policy::Request<'_>) -> Verdict;
+    /// Hears about each request once, when its response ended or failed.
+    fn finished(&self, log: &RequestLog);
+}
+
+/// A request's authorization outcome, for the response and the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether the request goes to the app.
+    pub allowed: bool,
+    /// The deciding policy, `namespace/name`.
+    pub policy: Option<String>,
+    /// The deciding rule's index.
+    pub rule: Option<u32>,
+}
+
+/// Istio's `request_protocol` of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// HTTP of either version.
+    Http,
+    /// gRPC (`content-type: application/grpc...`).
+    Grpc,
+}
+
+/// One request as the access log and the metrics see it.
+#[derive(Debug, Clone)]
+pub struct RequestLog {
+    /// The method.
+    pub method: Method,
+    /// The authority (Host or `:authority`).
+    pub authority: String,
+    /// The path as the client sent it, query included.
+    pub path: String,
+    /// The status sent to the client (0 if none was).
+    pub status: u16,
+    /// From the request head to the end of the response.
+    pub duration: Duration,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Response body bytes.
+    pub response_bytes: u64,
+    /// Envoy's response flags (`-` for none).
+    pub flags: &'static str,
+    /// The authorization outcome; `None` when the request was refused before policy.
+    pub verdict: Option<Verdict>,
+    /// Why the request was refused with 400, if it was.
+    pub rejection: Option<&'static str>,
+    /// `grpc-status` from the response headers or trailers.
+    pub grpc_status: Option<String>,
+    /// HTTP or gRPC.
+    pub kind: RequestKind,
+    /// The request's `x-request-id`.
+    pub request_id: Option<String>,
+    /// HTTP/1.1 or HTTP/2.
+    pub version: Version,
+}
+
+/// Per-connection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Path normalization before policy and forwarding.
+    pub normalization: Normalization,
+    /// Whether requests without a `traceparent` get one.
+    pub start_traceparent: bool,
+}
+
+struct Conn {
+    hooks: Arc<dyn RequestHooks>,
+    upstream: Upstream,
+    settings: Settings,
+}
+
+/// Serves HTTP (`version`) on `io` until the client is done, sending requests to the app through
+/// `upstream`.
+pub async fn serve<IO>(
+    io: IO,
+    version: UpstreamVersion,
+    upstream: Upstream,
+    hooks: Arc<dyn RequestHooks>,
+    settings: Settings,
+) -> Result<(), hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn { hooks, upstream, settings });
+    let service = hyper::service::service_fn(move |request| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(&conn, request).await) }
+    });
+    let io = TokioIo::new(io);
+    match version {
+        UpstreamVersion::Http1 => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+        UpstreamVersion::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .serve_connection(io, service)
+                .await
+        }
+    }
+}
+
+/// Handles one request from head to response head; the response body reports the request's end.
+async fn handle(conn: &Conn, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let mut log = RequestLog {
+        method: request.method().clone(),
+        authority: String::new(),
+        path: request.uri().path_and_query().map_or_else(String::new, |p| p.as_str().to_owned()),
+        status: 0,
+        duration: Duration::ZERO,
+        request_bytes: 0,
+        response_bytes: 0,
+        flags: "-",
+        verdict: None,
+        rejection: None,
+        grpc_status: None,
+        kind: request_kind(request.headers()),
+        request_id: None,
+        version: request.version(),
+    };
+    let (authority, path) = match admit(&request, conn.settings.normalization) {
+        Ok(admitted) => admitted,
+        Err(rejection) => {
+            log.rejection = Some(rejection.reason());
+            return finish_local(conn, log, started, StatusCode::BAD_REQUEST, "bad request");
+        }
+    };
+    log.authority = authority.clone();
+    let verdict = conn.hooks.authorize(&policy::Request {
+        method: request.method().as_str(),
+        host: &authority,
+        path: &path,
+        headers: request.headers(),
+    });
+    let allowed = verdict.allowed;
+    log.verdict = Some(verdict);
+    if !allowed {
+        return finish_local(conn, log, started, StatusCode::FORBIDDEN, DENIED_BODY);
+    }
+    rewrite_path(&mut request, &path);
+    let id = trace_context::ensure(request.headers_mut(), conn.settings.start_traceparent);
+    log.request_id = id.to_str().ok().map(str::to_owned);
+
+    let upgrading = request.version() == Version::HTTP_11
+        && (harden::wants_upgrade(request.headers()) || request.method() == Method::CONNECT);
+    let keep_upgrade = upgrading && request.method() != Method::CONNECT;
+    harden::strip_hop_by_hop(request.headers_mut(), keep_upgrade);
+    let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
+
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let request = request.map(|body| Metered::new(body, request_bytes.clone(), None).boxed_unsync());
+    let mut response = match conn.upstream.send(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::debug!(error = %e, "request to the app failed");
+            log.flags = e.flag();
+            log.request_bytes = request_bytes.load(Ordering::Relaxed);
+            let body = match e {
+                UpstreamError::Connect(_) => "upstream connect error: connection failure",
+                UpstreamError::Reset(_) => "upstream connect error or disconnect/reset before headers",
+            };
+            return finish_local(conn, log, started, StatusCode::SERVICE_UNAVAILABLE, body);
+        }
+    };
+    log.status = response.status().as_u16();
+    log.grpc_status = grpc_status(response.headers());
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (log.method == Method::CONNECT && response.status().is_success());
+    if let (Some(downstream), true) = (downstream_upgrade, switched) {
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(tunnel(downstream, upstream));
+    }
+    if response.version() == Version::HTTP_11 {
+        harden::strip_hop_by_hop(response.headers_mut(), switched && log.method != Method::CONNECT);
+    }
+    let hooks = conn.hooks.clone();
+    let response_bytes = Arc::new(AtomicU64::new(0));
+    let counted = response_bytes.clone();
+    let on_end = Box::new(move |end: End| {
+        log.duration = started.elapsed();
+        log.request_bytes = request_bytes.load(Ordering::Relaxed);
+        log.response_bytes = counted.load(Ordering::Relaxed);
+        match end {
+            End::Complete { grpc_status: Some(status) } => log.grpc_status = Some(status),
+            End::Complete { grpc_status: None } => {}
+            End::Failed => log.flags = "UC",
+            End::Abandoned => log.flags = "DC",
+        }
+        hooks.finished(&log);
+    });
+    response.map(|body| Metered::new(body, response_bytes, Some(on_end)).boxed_unsync())
+}
+
+/// Checks the request and gives its authority and normalized path.
+fn admit(request: &Request<Incoming>, normalization: Normalization) -> Result<(String, String), Rejection> {
+    let authority = harden::check(request.method(), request.uri(), request.version(), request.headers())?;
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let path = if request.method() == Method::OPTIONS && target == "*" {
+        "*".to_owned()
+    } else if request.method() == Method::CONNECT {
+        String::new()
+    } else {
+        normalize(target, normalization).map_err(|_| Rejection::Path)?
+    };
+    Ok((authority.to_owned(), path))
+}
+
+/// Forwards the path policy saw (query kept), so the app never reads another one.
+fn rewrite_path<B>(request: &mut Request<B>, path: &str) {
+    let uri = request.uri();
+    if path.is_empty() || path == "*" || uri.path() == path {
+        return;
+    }
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = target.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+}
+
+/// Answers from the proxy itself (400, 403, 503) and reports the request.
+fn finish_local(
+    conn: &Conn,
+    mut log: RequestLog,
+    started: Instant,
+    status: StatusCode,
+    body: &'static str,
+) -> Response<ProxyBody> {
+    log.status = status.as_u16();
+    log.duration = started.elapsed();
+    log.response_bytes = body.len() as u64;
+    conn.hooks.finished(&log);
+    let mut response =
+        Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(BoxError::from).boxed_unsync());
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// gRPC when the content type says so.
+fn request_kind(headers: &http::HeaderMap) -> RequestKind {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc { RequestKind::Grpc } else { RequestKind::Http }
+}
+
+/// After a protocol switch both sides are opaque bytes: relay them until either side is done.
+async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(downstream, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "protocol switch did not complete");
+            return;
+        }
+    };
+    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}

@@ -1,0 +1,170 @@
+//! Istio's request families under the `ferry_` prefix (`ferry_requests_total`,
+//! `ferry_request_duration_milliseconds`, `ferry_request_bytes`, `ferry_response_bytes`) with Istio's
+//! label set, and the count of requests the HTTP layer refused before policy, by reason.
+
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use super::{CONN_LABELS, ConnLabels, MetricsError, RequestProtocol, register};
+
+/// Istio's request labels: the connection's, then the response's.
+pub const REQUEST_LABELS: [&str; 13] = [
+    CONN_LABELS[0],
+    CONN_LABELS[1],
+    CONN_LABELS[2],
+    CONN_LABELS[3],
+    CONN_LABELS[4],
+    CONN_LABELS[5],
+    CONN_LABELS[6],
+    CONN_LABELS[7],
+    CONN_LABELS[8],
+    CONN_LABELS[9],
+    "response_code",
+    "response_flags",
+    "grpc_response_status",
+];
+
+/// Labels of `ferry_http_rejected_requests_total`.
+pub const REJECTION_LABELS: [&str; 4] =
+    ["reporter", "destination_workload", "destination_workload_namespace", "reason"];
+
+/// Istio's duration buckets, in milliseconds.
+pub const REQUEST_DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+    300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Istio's size buckets, in bytes: 1 to 10^8 by powers of ten.
+pub const SIZE_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+/// One finished request, as the families count it.
+#[derive(Debug, Clone)]
+pub struct RequestSample<'a> {
+    /// The connection's labels (`request_protocol` is replaced by [`RequestSample::protocol`]).
+    pub labels: &'a ConnLabels,
+    /// HTTP or gRPC.
+    pub protocol: RequestProtocol,
+    /// The status code sent to the client.
+    pub response_code: u16,
+    /// Envoy's response flags, `-` for none.
+    pub response_flags: &'a str,
+    /// `grpc-status`, if the response had one.
+    pub grpc_status: Option<&'a str>,
+    /// From request head to response end.
+    pub duration: Duration,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Response body bytes.
+    pub response_bytes: u64,
+}
+
+/// The registered request families.
+pub(super) struct RequestFamilies {
+    total: IntCounterVec,
+    duration: HistogramVec,
+    request_bytes: HistogramVec,
+    response_bytes: HistogramVec,
+    rejected: IntCounterVec,
+}
+
+impl RequestFamilies {
+    /// Creates and registers the families in `registry`.
+    pub(super) fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let name = "ferry_requests_total";
+        let total = IntCounterVec::new(Opts::new(name, "HTTP requests handled."), &REQUEST_LABELS)
+            .map_err(|source| MetricsError::Register { name, source })?;
+        register(registry, name, Box::new(total.clone()))?;
+        let histogram = |name: &'static str, help: &str, buckets: &[f64]| {
+            let family =
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &REQUEST_LABELS)
+                    .map_err(|source| MetricsError::Register { name, source })?;
+            register(registry, name, Box::new(family.clone()))?;
+            Ok::<_, MetricsError>(family)
+        };
+        let duration = histogram(
+            "ferry_request_duration_milliseconds",
+            "From request head to response end.",
+            &REQUEST_DURATION_BUCKETS_MS,
+        )?;
+        let request_bytes = histogram("ferry_request_bytes", "Request body sizes.", &SIZE_BUCKETS)?;
+        let response_bytes = histogram("ferry_response_bytes", "Response body sizes.", &SIZE_BUCKETS)?;
+        let name = "ferry_http_rejected_requests_total";
+        let rejected = IntCounterVec::new(
+            Opts::new(name, "Requests refused with 400 before policy (ambiguous framing or authority)."),
+            &REJECTION_LABELS,
+        )
+        .map_err(|source| MetricsError::Register { name, source })?;
+        register(registry, name, Box::new(rejected.clone()))?;
+        Ok(Self { total, duration, request_bytes, response_bytes, rejected })
+    }
+
+    /// Counts one finished request.
+    pub(super) fn observe(&self, sample: &RequestSample<'_>) {
+        let conn = sample.labels.values();
+        let mut code = itoa_buf();
+        let code = format_code(&mut code, sample.response_code);
+        let protocol = match sample.protocol {
+            RequestProtocol::Grpc => "grpc",
+            _ => "http",
+        };
+        let values = [
+            conn[0],
+            conn[1],
+            conn[2],
+            conn[3],
+            conn[4],
+            conn[5],
+            conn[6],
+            conn[7],
+            conn[8],
+            protocol,
+            code,
+            sample.response_flags,
+            sample.grpc_status.unwrap_or("-"),
+        ];
+        self.total.with_label_values(&values).inc();
+        self.duration.with_label_values(&values).observe(sample.duration.as_secs_f64() * 1000.0);
+        self.request_bytes.with_label_values(&values).observe(sample.request_bytes as f64);
+        self.response_bytes.with_label_values(&values).observe(sample.response_bytes as f64);
+    }
+
+    /// Counts a request refused before policy.
+    pub(super) fn rejected(&self, labels: &ConnLabels, reason: &str) {
+        let values = [
+            "destination",
+            labels.destination_workload.as_str(),
+            labels.destination_workload_namespace.as_str(),
+            reason,
+        ];
+        self.rejected.with_label_values(&values).inc();
+    }
+}
+
+fn itoa_buf() -> [u8; 3] {
+    [b'0'; 3]
+}
+
+/// A status code as text without allocating (status codes have three digits).
+fn format_code(buf: &mut [u8; 3], code: u16) -> &str {
+    let code = code.min(999);
+    buf[0] = b'0' + (code / 100) as u8;
+    buf[1] = b'0' + (code / 10 % 10) as u8;
+    buf[2] = b'0' + (code % 10) as u8;
+    std::str::from_utf8(buf).unwrap_or("000")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_three_digits() {
+        let mut buf = itoa_buf();
+        assert_eq!(format_code(&mut buf, 200), "200");
+        let mut buf = itoa_buf();
+        assert_eq!(format_code(&mut buf, 0), "000");
+        let mut buf = itoa_buf();
+        assert_eq!(format_code(&mut buf, 503), "503");
+    }
+}
