@@ -1,6 +1,7 @@
-//! `cargo xtask fuzz [--seconds N]`: runs the policy loader's fuzz target (agent/fuzz, with
-//! cargo-fuzz on nightly, which `setup` installs). `cargo xtask test` runs it for a minute; a longer
-//! run is for before a release or after a change to agent/src/policy.
+//! `cargo xtask fuzz [--seconds N]`: runs each of the agent's fuzz targets (agent/fuzz, with
+//! cargo-fuzz on nightly, which `setup` installs) in turn: the policy loader, path normalization and
+//! the HTTP/1 request path. `cargo xtask test` gives each 20 seconds; a longer run is for before a
+//! release or after a change to agent/src/policy or agent/src/http.
 
 use anyhow::{Context as _, Result};
 use std::ffi::OsString;
@@ -9,41 +10,53 @@ use std::path::Path;
 
 use crate::{cmd, paths, setup};
 
-/// How long `cargo xtask test` fuzzes: a minute, so CI keeps to its time.
-pub const TEST_SECONDS: u64 = 60;
+/// How long `cargo xtask test` fuzzes each target: a minute in all, so CI keeps to its time.
+pub const TEST_SECONDS: u64 = 20;
+
+/// The targets, in the order they run.
+pub const TARGETS: [&str; 3] = ["policy_load", "path_normalize", "http1_request"];
 
 /// The fuzz project, from the repository root.
 const FUZZ_DIR: &str = "agent/fuzz";
 
-/// The committed seed inputs, from the repository root.
-const SEEDS: &str = "agent/fuzz/corpus/policy_load";
-
-/// Sets up, then fuzzes the policy loader for `seconds`.
+/// Sets up, then fuzzes every target for `seconds` each.
 pub fn run(seconds: u64) -> Result<()> {
     setup::run(&setup::Options { rebuild_bpf_linker: false })?;
-    policy_load(seconds)
+    all(seconds)
 }
 
-/// Builds and runs the `policy_load` target for `seconds`; an error when it does not build or finds
-/// a crash (cargo-fuzz then prints the failing input's file and how to reproduce it).
-pub fn policy_load(seconds: u64) -> Result<()> {
+/// Runs every target for `seconds` each; an error names each target that did not build or found a
+/// crash (cargo-fuzz then prints the failing input's file and how to reproduce it).
+pub fn all(seconds: u64) -> Result<()> {
+    let failed: Vec<&str> = TARGETS.into_iter().filter(|t| target(t, seconds).is_err()).collect();
+    anyhow::ensure!(failed.is_empty(), "fuzz targets failed: {}", failed.join(", "));
+    Ok(())
+}
+
+/// Builds and runs one target for `seconds`.
+fn target(name: &str, seconds: u64) -> Result<()> {
     // Its own target directory: the fuzz build has other flags and must not wait on the main one.
     let target_dir = paths::target_dir().join("fuzz");
     // libFuzzer adds what it finds to the first corpus directory: this one, so the seeds stay as
     // committed while later runs start from what earlier ones found.
-    let corpus = target_dir.join("corpus/policy_load");
+    let corpus = target_dir.join("corpus").join(name);
     fs::create_dir_all(&corpus).with_context(|| format!("cannot create {}", corpus.display()))?;
-    cmd::run(&mut cmd::cargo(fuzz_args(&target_dir, &corpus, seconds)))
+    cmd::run(&mut cmd::cargo(fuzz_args(name, &target_dir, &corpus, seconds)))
 }
 
-/// The `cargo` arguments of a policy_load run.
-fn fuzz_args(target_dir: &Path, corpus: &Path, seconds: u64) -> Vec<OsString> {
+/// The `cargo` arguments of one target's run: its found corpus first, then its committed seeds,
+/// and its dictionary when it has one.
+fn fuzz_args(name: &str, target_dir: &Path, corpus: &Path, seconds: u64) -> Vec<OsString> {
     let mut args: Vec<OsString> =
         ["+nightly", "fuzz", "run", "--fuzz-dir", FUZZ_DIR, "--target-dir"].map(OsString::from).into();
     args.push(target_dir.into());
-    args.extend(["policy_load".into(), corpus.into(), SEEDS.into(), "--".into()]);
+    let seeds = format!("{FUZZ_DIR}/corpus/{name}");
+    args.extend([name.into(), corpus.into(), seeds.into(), "--".into()]);
     args.push(format!("-max_total_time={seconds}").into());
-    args.push(format!("-dict={FUZZ_DIR}/policy_load.dict").into());
+    let dict = format!("{FUZZ_DIR}/{name}.dict");
+    if paths::repo_root().join(&dict).is_file() {
+        args.push(format!("-dict={dict}").into());
+    }
     args
 }
 
@@ -52,20 +65,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seeds_and_dictionary_exist() {
+    fn every_target_has_seeds_and_a_binary() {
         let root = paths::repo_root();
-        assert!(root.join(FUZZ_DIR).join("Cargo.toml").is_file());
+        let manifest = fs::read_to_string(root.join(FUZZ_DIR).join("Cargo.toml")).unwrap();
         assert!(root.join(FUZZ_DIR).join("policy_load.dict").is_file());
-        assert!(fs::read_dir(root.join(SEEDS)).unwrap().count() > 0);
+        for name in TARGETS {
+            assert!(manifest.contains(&format!("name = \"{name}\"")), "{name} is not a bin of agent/fuzz");
+            let seeds = root.join(FUZZ_DIR).join("corpus").join(name);
+            assert!(fs::read_dir(&seeds).unwrap().count() > 0, "{} has no seeds", seeds.display());
+        }
     }
 
     #[test]
     fn the_found_corpus_comes_first_and_the_time_is_passed_on() {
-        let args = fuzz_args(Path::new("/t/fuzz"), Path::new("/t/fuzz/corpus/policy_load"), 60);
+        let args =
+            fuzz_args("policy_load", Path::new("/t/fuzz"), Path::new("/t/fuzz/corpus/policy_load"), 60);
         let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
         let run = args.iter().position(|a| *a == "policy_load").unwrap();
         assert_eq!(args[..3], ["+nightly", "fuzz", "run"]);
-        assert_eq!(args[run + 1..run + 4], ["/t/fuzz/corpus/policy_load", SEEDS, "--"]);
+        assert_eq!(
+            args[run + 1..run + 4],
+            ["/t/fuzz/corpus/policy_load", "agent/fuzz/corpus/policy_load", "--"]
+        );
         assert!(args.contains(&"-max_total_time=60"), "{args:?}");
+        assert!(args.contains(&"-dict=agent/fuzz/policy_load.dict"), "{args:?}");
+        let other = fuzz_args("path_normalize", Path::new("/t"), Path::new("/t/c"), 5);
+        assert!(!other.iter().any(|a| a.to_string_lossy().starts_with("-dict")), "no dictionary: {other:?}");
     }
 }

@@ -46,9 +46,10 @@ enum Task {
         #[arg(long)]
         flamegraph: bool,
     },
-    /// Set up, then fuzz the policy loader and compiler (agent/fuzz); stops at the first crash.
+    /// Set up, then fuzz each target of agent/fuzz (policy loader, path normalization, HTTP/1
+    /// request path) in turn.
     Fuzz {
-        /// How long to fuzz, in seconds (`test` fuzzes for 60).
+        /// How long to fuzz each target, in seconds (`test` gives each 20).
         #[arg(long, default_value_t = 600)]
         seconds: u64,
     },

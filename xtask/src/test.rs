@@ -7,7 +7,7 @@ use std::fs;
 
 use crate::{build, cmd, fuzz, paths, setup};
 
-/// Sets up, then runs sweep, build, tests, the bench smoke run, a minute of fuzzing, rustfmt and
+/// Sets up, then runs sweep, build, tests, the bench smoke run, 20 seconds of fuzzing per target, rustfmt and
 /// clippy; an error when any step failed.
 pub fn run() -> Result<()> {
     setup::run(&setup::Options { rebuild_bpf_linker: false })?;
@@ -26,7 +26,7 @@ pub fn run() -> Result<()> {
     let mut bench = cmd::command(bin_dir.join("ferry-bench"));
     bench.arg("--smoke").arg("--out").arg(paths::target_dir().join("bench-smoke"));
     results.push(("bench smoke run", cmd::run(bench.env("FERRY_BIN_DIR", &bin_dir))));
-    results.push(("fuzz policy loader", fuzz::policy_load(fuzz::TEST_SECONDS)));
+    results.push(("fuzz targets", fuzz::all(fuzz::TEST_SECONDS)));
     results.push(("rustfmt", cmd::run(&mut cmd::cargo(["fmt", "--all", "--", "--check"]))));
     let mut clippy = cmd::cargo(["clippy", "--all-targets", "--", "-D", "warnings"]);
     results.push(("clippy", cmd::run(&mut clippy)));

@@ -64,8 +64,38 @@ pub trait AdminState: Send + Sync + 'static {
     fn set_log_level(&self, directive: &str) -> Result<(), StateError>;
     /// `GET /policies`: every authorization policy, what it selects and how it is enforced.
     fn policies(&self) -> Result<Vec<PolicyView>, StateError>;
-    /// `GET /trace`: what would happen if `src` connected to `dest`.
-    fn trace(&self, src: &TraceSource, dest: &TraceDest) -> Result<TraceView, StateError>;
+    /// `GET /trace`: what would happen if `src` connected to `dest` (and sent `request`, for an
+    /// L7 decision).
+    fn trace(
+        &self,
+        src: &TraceSource,
+        dest: &TraceDest,
+        request: Option<&TraceRequest>,
+    ) -> Result<TraceView, StateError>;
+}
+
+/// An HTTP request to trace: the attributes an L7 decision reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceRequest {
+    /// The method (`GET` when not given).
+    pub method: String,
+    /// The request target, normalized as the proxy would (`/` when not given).
+    pub path: String,
+    /// The authority (the destination address when not given).
+    pub host: Option<String>,
+    /// Request headers, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Parses a `NAME:VALUE` header argument of a trace.
+pub fn parse_trace_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text.split_once(':').ok_or_else(|| format!("header {text:?} is not NAME:VALUE"))?;
+    let name = name.trim();
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("header {text:?}: {name:?} is not a header name"))?;
+    let value = value.trim();
+    http::HeaderValue::from_str(value).map_err(|_| format!("header {text:?}: the value is not valid"))?;
+    Ok((name.to_ascii_lowercase(), value.to_owned()))
 }
 
 /// Who connects, in a trace.

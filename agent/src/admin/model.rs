@@ -463,6 +463,9 @@ pub struct TraceView {
     /// What the dry-run policies would decide, when any selects the destination.
     #[serde(default)]
     pub dry_run: Option<TraceDryRunView>,
+    /// The HTTP request decided, when the trace was given one (an L7 decision).
+    #[serde(default)]
+    pub request: Option<TraceRequestView>,
     /// Every policy of the destination's namespace and the root namespace, and why it matched or
     /// not.
     #[serde(default)]
@@ -470,6 +473,19 @@ pub struct TraceView {
     /// Further explanations, one sentence each.
     #[serde(default)]
     pub notes: Vec<String>,
+}
+
+/// The HTTP request of an L7 trace, as policy saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRequestView {
+    /// The method.
+    pub method: String,
+    /// The path as given.
+    pub path: String,
+    /// The path after Istio's BASE normalization: what policy matches and the app receives.
+    pub normalized_path: String,
+    /// The authority.
+    pub host: String,
 }
 
 /// The dry-run side of a trace.

@@ -338,7 +338,7 @@ async fn level_from_body(body: Incoming) -> Handled<String> {
 }
 
 async fn trace(state: &Arc<dyn AdminState>, query: &str) -> Handled<Response<Body>> {
-    const USAGE: &str = "use /trace?src=SOURCE&dest=DEST";
+    const USAGE: &str = "use /trace?src=SOURCE&dest=DEST[&method=M&path=P&host=H&header=NAME:VALUE]";
     let pairs = query_pairs(query)?;
     let src = param(&pairs, "src")
         .or_else(|| param(&pairs, "pod"))
@@ -346,7 +346,30 @@ async fn trace(state: &Arc<dyn AdminState>, query: &str) -> Handled<Response<Bod
     let dest = param(&pairs, "dest").ok_or_else(|| bad_request(format!("missing dest; {USAGE}")))?;
     let src = parse_source(src).map_err(bad_request)?;
     let dest = parse_trace_dest(dest).map_err(bad_request)?;
-    ok_json(flatten(call(state, move |s| s.trace(&src, &dest)).await))
+    let request = trace_request(&pairs).map_err(bad_request)?;
+    ok_json(flatten(call(state, move |s| s.trace(&src, &dest, request.as_ref())).await))
+}
+
+/// The L7 part of a trace query (`method`, `path`, `host`, `header=NAME:VALUE` repeated); `None`
+/// when none is given.
+fn trace_request(pairs: &[(String, String)]) -> Result<Option<super::TraceRequest>, String> {
+    let headers = pairs
+        .iter()
+        .filter(|(k, _)| k == "header")
+        .map(|(_, v)| super::parse_trace_header(v))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (method, path, host) = (param(pairs, "method"), param(pairs, "path"), param(pairs, "host"));
+    if method.is_none() && path.is_none() && host.is_none() && headers.is_empty() {
+        return Ok(None);
+    }
+    let method = method.unwrap_or("GET");
+    http::Method::from_bytes(method.as_bytes()).map_err(|_| format!("method {method:?} is not a method"))?;
+    Ok(Some(super::TraceRequest {
+        method: method.to_owned(),
+        path: path.unwrap_or("/").to_owned(),
+        host: host.map(str::to_owned),
+        headers,
+    }))
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ pub(crate) struct FakeState {
     pub levels: Mutex<Vec<String>>,
     /// Makes `/bpf` fail as a map read would.
     pub bpf_fails: AtomicBool,
+    /// The HTTP request of each trace asked for.
+    pub traced: Mutex<Vec<Option<super::TraceRequest>>>,
 }
 
 pub(crate) const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
@@ -179,7 +181,13 @@ impl AdminState for FakeState {
         }])
     }
 
-    fn trace(&self, src: &TraceSource, dest: &TraceDest) -> Result<TraceView, StateError> {
+    fn trace(
+        &self,
+        src: &TraceSource,
+        dest: &TraceDest,
+        request: Option<&super::TraceRequest>,
+    ) -> Result<TraceView, StateError> {
+        self.traced.lock().expect("lock").push(request.cloned());
         let TraceSource::Pod(pod) = src else {
             return Err(StateError::Invalid("the fake traces pods only".into()));
         };
@@ -216,6 +224,7 @@ impl AdminState for FakeState {
             rule: Some(0),
             decision_reason: Some("allowed by policy default/allow-client rule 0".into()),
             dry_run: None,
+            request: None,
             policies: vec![],
             notes: vec![],
         })

@@ -95,6 +95,19 @@ pub enum ClientCommand {
         /// Where to: IP:PORT ([IPV6]:PORT for IPv6) or NAMESPACE/NAME:PORT.
         #[arg(value_parser = dest_arg)]
         dest: String,
+        /// Trace an HTTP request with this method (an L7 decision; GET when only other request
+        /// options are given).
+        #[arg(long)]
+        method: Option<String>,
+        /// The request's path (normalized as the proxy would; `/` by default).
+        #[arg(long)]
+        path: Option<String>,
+        /// The request's authority (Host); the destination address by default.
+        #[arg(long)]
+        host: Option<String>,
+        /// A request header, NAME:VALUE; repeat for more.
+        #[arg(long = "header", value_parser = header_arg)]
+        headers: Vec<String>,
     },
     /// Print a shell completion script (for example: ferry completions bash > /etc/bash_completion.d/ferry).
     Completions {
@@ -105,6 +118,10 @@ pub enum ClientCommand {
 
 fn source_arg(s: &str) -> Result<String, String> {
     admin::parse_source(s).map(|_| s.to_owned())
+}
+
+fn header_arg(s: &str) -> Result<String, String> {
+    admin::parse_trace_header(s).map(|_| s.to_owned())
 }
 
 fn dest_arg(s: &str) -> Result<String, String> {
@@ -235,8 +252,15 @@ async fn ask(
             let uri = format!("/log-level?{}", query::build(&[("level", level)]));
             ("/log-level", client.post(&uri, "").await?)
         }
-        ClientCommand::Trace { src, dest } => {
-            let uri = format!("/trace?{}", query::build(&[("src", src), ("dest", dest)]));
+        ClientCommand::Trace { src, dest, method, path, host, headers } => {
+            let mut pairs = vec![("src", src.as_str()), ("dest", dest.as_str())];
+            for (key, value) in [("method", method), ("path", path), ("host", host)] {
+                if let Some(value) = value {
+                    pairs.push((key, value.as_str()));
+                }
+            }
+            pairs.extend(headers.iter().map(|h| ("header", h.as_str())));
+            let uri = format!("/trace?{}", query::build(&pairs));
             ("/trace", client.get(&uri).await?)
         }
         other => {

@@ -131,6 +131,26 @@ async fn trace_is_explained() {
     let o = ferry(&admin.socket, &["trace", "other/pod", "10.0.0.1:80"]).await;
     assert_eq!(o.exit, Exit::Failed);
     assert!(o.err.contains("404 Not Found") && o.err.contains("not on this node"), "{}", o.err);
+    let args = ["trace", "default/client", "10.96.0.10:80", "--path", "/a b?x", "--header", "X-Team: pay"];
+    let o = ferry(&admin.socket, &[&args[..], &["--header", "x-b:2"]].concat()).await;
+    assert_eq!(o.exit, Exit::Ok, "{}", o.err);
+    let bad = ["ferry", "trace", "default/client", "10.96.0.10:80", "--header", "nocolon"];
+    let e = TestCli::try_parse_from(bad).expect_err("a header without a colon");
+    assert_eq!(e.exit_code(), Exit::Usage as i32);
+    assert!(e.to_string().contains("is not NAME:VALUE"), "{e}");
+    let traced = admin.state.traced.lock().expect("lock").clone();
+    let want = crate::admin::TraceRequest {
+        method: "GET".into(),
+        path: "/a b?x".into(),
+        host: None,
+        headers: vec![("x-team".into(), "pay".into()), ("x-b".into(), "2".into())],
+    };
+    assert_eq!(traced, [None, None, None, Some(want)], "the L7 part reaches the agent only when given");
+    let traced_before = traced.len();
+    let o = ferry(&admin.socket, &["trace", "default/client", "10.96.0.10:80", "--method", "GE T"]).await;
+    assert_eq!(o.exit, Exit::Failed, "the agent refuses a bad method");
+    assert!(o.err.contains("400 Bad Request") && o.err.contains("is not a method"), "{}", o.err);
+    assert_eq!(admin.state.traced.lock().expect("lock").len(), traced_before);
     admin.stop().await;
 }
 

@@ -55,6 +55,14 @@ pub fn explain(t: &TraceView) -> String {
     if let Some(mode) = t.destination_mode {
         lines.push(("Destination mode", mode_text(mode).to_owned()));
     }
+    if let Some(r) = &t.request {
+        let normalized = if r.normalized_path == r.path {
+            String::new()
+        } else {
+            format!(" (normalized {})", r.normalized_path)
+        };
+        lines.push(("Request", format!("{} {}{normalized}, host {}", r.method, r.path, r.host)));
+    }
     match (&t.decision, &t.decision_reason, t.allowed) {
         (Some(_), Some(reason), _) => lines.push(("Decision", reason.clone())),
         (_, _, Some(false)) => lines.push(("Decision", "denied: the connection would be refused".to_owned())),
@@ -129,9 +137,24 @@ mod tests {
             rule: Some(0),
             decision_reason: Some("allowed by policy default/allow-client rule 0".into()),
             dry_run: None,
+            request: None,
             policies: vec![],
             notes: vec!["picked by load".into()],
         }
+    }
+
+    #[test]
+    fn an_l7_trace_shows_the_request_as_policy_saw_it() {
+        let mut t = base();
+        t.request = Some(crate::admin::model::TraceRequestView {
+            method: "GET".into(),
+            path: "/public/../admin".into(),
+            normalized_path: "/admin".into(),
+            host: "web.default".into(),
+        });
+        let text = explain(&t);
+        let want = "Request:           GET /public/../admin (normalized /admin), host web.default\n";
+        assert!(text.contains(want), "{text}");
     }
 
     #[test]

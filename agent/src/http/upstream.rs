@@ -7,12 +7,23 @@ use std::{future::Future, io, pin::Pin, sync::Arc};
 
 use hyper::{Request, Response, body::Incoming, client::conn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{net::TcpStream, sync::Mutex};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::Mutex,
+};
 
 use super::body::ProxyBody;
 
+/// A byte stream to the app: a TCP socket on the pod's loopback (or, in tests, anything).
+pub trait AppStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AppStream for T {}
+
+/// A connection to the app, whatever its type.
+pub type AppConn = Box<dyn AppStream>;
+
 /// Opens a new connection to the app (on the pod's loopback, from inside its netns).
-pub type Dial = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>> + Send + Sync>;
+pub type Dial = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = io::Result<AppConn>> + Send>> + Send + Sync>;
 
 /// Which HTTP the app is spoken to in: the downstream's own version, so nothing is translated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,13 +74,13 @@ pub struct Upstream {
     version: Version,
     dial: Dial,
     /// The connection dialled while the protocol was being detected, used first.
-    first: std::sync::Mutex<Option<TcpStream>>,
+    first: std::sync::Mutex<Option<AppConn>>,
     sender: Mutex<Option<Sender>>,
 }
 
 impl Upstream {
     /// An upstream speaking `version`, starting on `first` if given, dialling with `dial` after.
-    pub fn new(version: Version, first: Option<TcpStream>, dial: Dial) -> Self {
+    pub fn new(version: Version, first: Option<AppConn>, dial: Dial) -> Self {
         Self { version, dial, first: std::sync::Mutex::new(first), sender: Mutex::new(None) }
     }
 
@@ -103,7 +114,6 @@ impl Upstream {
             Some(tcp) => tcp,
             None => (self.dial)().await.map_err(UpstreamError::Connect)?,
         };
-        let _ = tcp.set_nodelay(true);
         let io = TokioIo::new(tcp);
         let handshake_failed = |e: hyper::Error| UpstreamError::Connect(io::Error::other(e));
         match self.version {

@@ -285,7 +285,12 @@ impl AdminState for Introspect {
         policies::views(&self.node.shared.state().authz)
     }
 
-    fn trace(&self, src: &TraceSource, dest: &TraceDest) -> Result<TraceView, StateError> {
-        trace::trace(&self.node, src, dest)
+    fn trace(
+        &self,
+        src: &TraceSource,
+        dest: &TraceDest,
+        request: Option<&crate::admin::TraceRequest>,
+    ) -> Result<TraceView, StateError> {
+        trace::trace(&self.node, src, dest, request)
     }
 }

@@ -5,8 +5,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::{
     admin::{
-        StateError, TraceDest, TraceSource,
-        model::{ModeView, TraceDryRunView, TraceEndpointView, TraceServiceView, TraceView, Transport},
+        StateError, TraceDest, TraceRequest, TraceSource,
+        model::{
+            ModeView, TraceDryRunView, TraceEndpointView, TraceRequestView, TraceServiceView, TraceView,
+            Transport,
+        },
     },
     config::{CaptureMode, MeshConfig, Mode, Pod},
     identity::SpiffeId,
@@ -28,7 +31,12 @@ struct Caller {
 }
 
 /// Traces `src` to `dest`.
-pub(super) fn trace(node: &NodeState, src: &TraceSource, dest: &TraceDest) -> Result<TraceView, StateError> {
+pub(super) fn trace(
+    node: &NodeState,
+    src: &TraceSource,
+    dest: &TraceDest,
+    request: Option<&TraceRequest>,
+) -> Result<TraceView, StateError> {
     let state = node.shared.state();
     let config = &state.config;
     let dest = match dest {
@@ -63,6 +71,7 @@ pub(super) fn trace(node: &NodeState, src: &TraceSource, dest: &TraceDest) -> Re
         rule: None,
         decision_reason: None,
         dry_run: None,
+        request: None,
         policies: Vec::new(),
         notes: Vec::new(),
     };
@@ -90,7 +99,7 @@ pub(super) fn trace(node: &NodeState, src: &TraceSource, dest: &TraceDest) -> Re
             (target, Caller { identity: None, source_ip: Some(ip.to_canonical()) })
         }
     };
-    at_destination(node, &state, target, &caller, &mut view);
+    at_destination(node, &state, target, &caller, request, &mut view);
     Ok(view)
 }
 
@@ -170,6 +179,40 @@ fn from_pod(
     Some((target, Caller { identity, source_ip }))
 }
 
+/// The request's headers, normalized path and authority, as the HTTP layer would pass them to
+/// policy; `None` (with a deny in the view) when the HTTP layer would refuse it with 400.
+fn http_request(
+    r: &TraceRequest,
+    target: SocketAddr,
+    view: &mut TraceView,
+) -> Option<(http::HeaderMap, String, String)> {
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in &r.headers {
+        if let (Ok(name), Ok(value)) =
+            (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_str(value))
+        {
+            headers.append(name, value);
+        }
+    }
+    let host = r.host.clone().unwrap_or_else(|| target.to_string());
+    let path = match crate::http::path::normalize(&r.path, crate::http::path::Normalization::Base) {
+        Ok(path) => path,
+        Err(e) => {
+            view.allowed = Some(false);
+            view.decision = Some("deny".into());
+            view.decision_reason = Some(format!("refused with 400 before policy: {e}"));
+            return None;
+        }
+    };
+    view.request = Some(TraceRequestView {
+        method: r.method.clone(),
+        path: r.path.clone(),
+        normalized_path: path.clone(),
+        host: host.clone(),
+    });
+    Some((headers, path, host))
+}
+
 /// Resolves a service VIP to the endpoint a connection would reach; `None` (with the reason in the
 /// view) when there is none.
 fn resolve(state: &MeshState, dest: SocketAddr, view: &mut TraceView) -> Option<SocketAddr> {
@@ -200,6 +243,7 @@ fn at_destination(
     state: &MeshState,
     target: SocketAddr,
     caller: &Caller,
+    request: Option<&TraceRequest>,
     view: &mut TraceView,
 ) {
     let config = &state.config;
@@ -239,7 +283,36 @@ fn at_destination(
         destination_port: target.port(),
     };
     let authz = &state.authz;
-    let decision = authz.decide(&key, &conn);
+    let workload = WorkloadRef { key: &key, namespace: &dst.namespace, labels: &dst.labels };
+    let http = match request {
+        None => None,
+        Some(r) => match http_request(r, target, view) {
+            Some(parts) => Some(parts),
+            // The HTTP layer refuses the request (400) before policy.
+            None => return,
+        },
+    };
+    let protocol = config.declared_protocol(dst, target.port());
+    let (decision, explained) = match &http {
+        Some((headers, path, host)) => {
+            if protocol == Some(crate::config::AppProtocol::Tcp) {
+                view.notes.push(format!(
+                    "port {} is declared tcp: its bytes are never read as HTTP, so the real decision is the                      connection's (trace without --method/--path to see it)",
+                    target.port()
+                ));
+            }
+            let method = request.map_or("GET", |r| r.method.as_str());
+            let req = crate::policy::Request { method, host, path, headers };
+            (authz.decide_request(&key, &conn, &req), authz.explain_request(workload, &conn, &req))
+        }
+        None => (authz.decide(&key, &conn), authz.explain(workload, &conn)),
+    };
+    if http.is_none() && protocol != Some(crate::config::AppProtocol::Tcp) {
+        view.notes.push(
+            "decided as plain TCP; if the connection is HTTP each request is decided instead (give              --method, --path, --host or --header)"
+                .into(),
+        );
+    }
     let name = |r: Option<crate::policy::RuleRef>| r.and_then(|r| authz.policy(r.policy)).map(|p| p.key());
     let enforced = &decision.enforced;
     view.allowed = Some(decision.allowed());
@@ -270,8 +343,7 @@ fn at_destination(
     if let Some(audit) = name(decision.audit) {
         view.notes.push(format!("AUDIT policy {audit} matches: the connection would be logged"));
     }
-    view.policies =
-        authz.explain(WorkloadRef { key: &key, namespace: &dst.namespace, labels: &dst.labels }, &conn);
+    view.policies = explained;
     if let Some(error) = authz.failure() {
         view.notes.push(format!("the policies failed to load at start: {error}"));
     }

@@ -33,7 +33,7 @@ use crate::{
         path::Normalization,
         rewind::Rewind,
         server::{self, RequestHooks, RequestKind, RequestLog, Settings, Verdict},
-        upstream::{Dial, Upstream, Version},
+        upstream::{AppConn, Dial, Upstream, Version},
     },
     metrics::{ConnLabels, RequestProtocol, RequestSample},
     policy,
@@ -129,9 +129,9 @@ where
     let target = conn.meta().original_dst;
     let dial: Dial = Arc::new(move || {
         let pod = dial_pod.clone();
-        Box::pin(async move { connect_to_app(&pod, target).await })
+        Box::pin(async move { Ok(Box::new(connect_to_app(&pod, target).await?) as AppConn) })
     });
-    let upstream = Upstream::new(version, Some(app), dial);
+    let upstream = Upstream::new(version, Some(Box::new(app)), dial);
     let settings =
         Settings { normalization: Normalization::Base, start_traceparent: settings.start_traceparent };
     let reason = conn

@@ -106,10 +106,13 @@ pub(super) async fn connect_to_app(pod: &PodContext, orig: SocketAddr) -> io::Re
         IpAddr::V4(_) => (IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)),
         IpAddr::V6(_) => (IpAddr::V6(Ipv6Addr::LOCALHOST), IpAddr::V4(Ipv4Addr::LOCALHOST)),
     };
-    match connect_from(&pod.netns, SocketAddr::new(first, orig.port())).await {
+    let app = match connect_from(&pod.netns, SocketAddr::new(first, orig.port())).await {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             connect_from(&pod.netns, SocketAddr::new(second, orig.port())).await
         }
         other => other,
-    }
+    }?;
+    // Requests and replies are written whole: Nagle would only hold the last segment back.
+    let _ = app.set_nodelay(true);
+    Ok(app)
 }
