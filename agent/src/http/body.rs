@@ -42,14 +42,19 @@ pub struct Metered<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
     on_end: Option<OnEnd>,
+    /// The body had nothing to send: hyper may drop it unpolled, which is not an abandonment.
+    empty: bool,
+}
+
+impl<B: Body> Metered<B> {
+    /// Counts `inner`'s data into `bytes`; `on_end`, if given, hears how it ended.
+    pub fn new(inner: B, bytes: Arc<AtomicU64>, on_end: Option<OnEnd>) -> Self {
+        let empty = inner.is_end_stream();
+        Self { inner, bytes, on_end, empty }
+    }
 }
 
 impl<B> Metered<B> {
-    /// Counts `inner`'s data into `bytes`; `on_end`, if given, hears how it ended.
-    pub fn new(inner: B, bytes: Arc<AtomicU64>, on_end: Option<OnEnd>) -> Self {
-        Self { inner, bytes, on_end }
-    }
-
     fn end(&mut self, end: End) {
         if let Some(f) = self.on_end.take() {
             f(end);
@@ -59,7 +64,8 @@ impl<B> Metered<B> {
 
 impl<B> Drop for Metered<B> {
     fn drop(&mut self) {
-        self.end(End::Abandoned);
+        let end = if self.empty { End::Complete { grpc_status: None } } else { End::Abandoned };
+        self.end(end);
     }
 }
 
@@ -89,6 +95,10 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    // hyper stops polling once the body says it is done (Content-Length reached).
+                    if self.inner.is_end_stream() {
+                        self.end(End::Complete { grpc_status: None });
+                    }
                 } else if let Some(trailers) = frame.trailers_ref() {
                     let grpc_status = grpc_status(trailers);
                     // Trailers are the last frame: the body is complete once they are passed on.
@@ -153,11 +163,20 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_body_dropped_unpolled_is_complete() {
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let seen = ends.clone();
+        let empty = http_body_util::Empty::<Bytes>::new();
+        drop(Metered::new(empty, Arc::default(), Some(Box::new(move |e| seen.lock().unwrap().push(e)))));
+        assert_eq!(*ends.lock().unwrap(), [End::Complete { grpc_status: None }]);
+    }
+
+    #[test]
     fn a_body_dropped_early_is_abandoned() {
         let ends = Arc::new(Mutex::new(Vec::new()));
         let seen = ends.clone();
         drop(Metered::new(
-            Full::new(Bytes::new()),
+            Full::new(Bytes::from_static(b"unsent")),
             Arc::default(),
             Some(Box::new(move |e| seen.lock().unwrap().push(e))),
         ));
