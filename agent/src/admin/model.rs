@@ -482,7 +482,7 @@ pub struct TraceRequestView {
     pub method: String,
     /// The path as given.
     pub path: String,
-    /// The path after Istio's BASE normalization: what policy matches and the app receives.
+    /// The path after the configured normalization (Istio's BASE by default): what policy matches and the app receives.
     pub normalized_path: String,
     /// The authority.
     pub host: String,

@@ -16,6 +16,7 @@
 //! [http]
 //! detect_timeout_ms = 100   # how long an undeclared port is watched for HTTP (default 100)
 //! start_traceparent = true  # start a W3C trace context on requests without one (default true)
+//! path_normalization = "BASE"   # or "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES" (Istio's names)
 //!
 //! [[pods]]
 //! name = "client"
@@ -130,11 +131,17 @@ pub struct HttpSettings {
     pub detect_timeout: std::time::Duration,
     /// Whether a request without a W3C `traceparent` gets one.
     pub start_traceparent: bool,
+    /// Istio's `meshConfig.pathNormalization`: how paths are normalized before policy and the app.
+    pub path_normalization: crate::http::path::Normalization,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { detect_timeout: std::time::Duration::from_millis(100), start_traceparent: true }
+        Self {
+            detect_timeout: std::time::Duration::from_millis(100),
+            start_traceparent: true,
+            path_normalization: crate::http::path::Normalization::Base,
+        }
     }
 }
 

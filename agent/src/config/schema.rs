@@ -48,6 +48,7 @@ pub(super) struct RawDatapath {
 pub(super) struct RawHttp {
     pub detect_timeout_ms: Option<i64>,
     pub start_traceparent: Option<bool>,
+    pub path_normalization: Option<String>,
 }
 
 /// `[capture]`.

@@ -209,9 +209,12 @@ fn unknown_protocols_and_timeouts_are_named() {
     assert!(e.starts_with("pods[0].ports[0].protocol: \"HTTP\" is not a protocol"), "{e}");
     let e = MeshConfig::parse("node = \"a\"\n[http]\ndetect_timeout_ms = 0\n").expect_err("0 ms").to_string();
     assert!(e.starts_with("http.detect_timeout_ms: 0 is outside"), "{e}");
-    let config =
-        MeshConfig::parse("node = \"a\"\n[http]\ndetect_timeout_ms = 250\nstart_traceparent = false\n")
-            .expect("valid");
+    let text = "node = \"a\"\n[http]\ndetect_timeout_ms = 250\nstart_traceparent = false\n\
+                path_normalization = \"MERGE_SLASHES\"\n";
+    let config = MeshConfig::parse(text).expect("valid");
     assert_eq!(config.http.detect_timeout, std::time::Duration::from_millis(250));
     assert!(!config.http.start_traceparent);
+    assert_eq!(config.http.path_normalization, crate::http::path::Normalization::MergeSlashes);
+    let e = MeshConfig::parse("node = \"a\"\n[http]\npath_normalization = \"NONE\"\n").expect_err("bad");
+    assert!(e.to_string().starts_with("http.path_normalization: \"NONE\" is not a normalization"), "{e}");
 }

@@ -124,7 +124,16 @@ fn http(raw: RawHttp) -> Result<HttpSettings, ConfigError> {
         }
     };
     let start_traceparent = raw.start_traceparent.unwrap_or(defaults.start_traceparent);
-    Ok(HttpSettings { detect_timeout, start_traceparent })
+    let path_normalization = match raw.path_normalization.as_deref() {
+        None => defaults.path_normalization,
+        Some(name) => crate::http::path::Normalization::parse(name).ok_or_else(|| {
+            let msg = format!(
+                "{name:?} is not a normalization; use \"BASE\", \"MERGE_SLASHES\" or \"DECODE_AND_MERGE_SLASHES\""
+            );
+            ConfigError::invalid("http.path_normalization", msg)
+        })?,
+    };
+    Ok(HttpSettings { detect_timeout, start_traceparent, path_normalization })
 }
 
 /// An `appProtocol` value Ferry knows.

@@ -184,6 +184,7 @@ fn from_pod(
 fn http_request(
     r: &TraceRequest,
     target: SocketAddr,
+    normalization: crate::http::path::Normalization,
     view: &mut TraceView,
 ) -> Option<(http::HeaderMap, String, String)> {
     let mut headers = http::HeaderMap::new();
@@ -195,7 +196,7 @@ fn http_request(
         }
     }
     let host = r.host.clone().unwrap_or_else(|| target.to_string());
-    let path = match crate::http::path::normalize(&r.path, crate::http::path::Normalization::Base) {
+    let path = match crate::http::path::normalize(&r.path, normalization) {
         Ok(path) => path,
         Err(e) => {
             view.allowed = Some(false);
@@ -286,7 +287,7 @@ fn at_destination(
     let workload = WorkloadRef { key: &key, namespace: &dst.namespace, labels: &dst.labels };
     let http = match request {
         None => None,
-        Some(r) => match http_request(r, target, view) {
+        Some(r) => match http_request(r, target, config.http.path_normalization, view) {
             Some(parts) => Some(parts),
             // The HTTP layer refuses the request (400) before policy.
             None => return,

@@ -30,7 +30,6 @@ use crate::{
     config::AppProtocol,
     http::{
         detect::{Detected, detect},
-        path::Normalization,
         rewind::Rewind,
         server::{self, RequestHooks, RequestKind, RequestLog, Settings, Verdict},
         upstream::{AppConn, Dial, Upstream, Version},
@@ -132,8 +131,10 @@ where
         Box::pin(async move { Ok(Box::new(connect_to_app(&pod, target).await?) as AppConn) })
     });
     let upstream = Upstream::new(version, Some(Box::new(app)), dial);
-    let settings =
-        Settings { normalization: Normalization::Base, start_traceparent: settings.start_traceparent };
+    let settings = Settings {
+        normalization: settings.path_normalization,
+        start_traceparent: settings.start_traceparent,
+    };
     let reason = conn
         .serve(async {
             match server::serve(counted, version, upstream, hooks, settings).await {
