@@ -130,6 +130,12 @@ impl ProxyShared {
         }
     }
 
+    /// Whether the plain-TCP decision (HTTP fields unknown: an ALLOW needing them never matches)
+    /// would let `subject` through. Records nothing.
+    pub(super) fn allowed_as_tcp(&self, subject: &AuthzSubject) -> bool {
+        self.state().authz.decide(&subject.workload, &subject.connection()).allowed()
+    }
+
     /// Decides one HTTP request on the connection `subject` describes, counting a denial under
     /// `labels`; AUDIT and dry-run outcomes are logged as for connections.
     pub(super) fn authorize_request(

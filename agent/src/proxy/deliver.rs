@@ -57,14 +57,26 @@ pub(super) struct Delivered {
     pub bytes: (u64, u64),
 }
 
-/// Relays or serves `down` to `app` for `meta` (already authorized, its subject recorded).
-/// `declared` is the port's protocol when known. Returns how it ended, or `None` when the
-/// connection was refused after detection (recorded as such).
+/// Whether the app may be dialled before the first bytes are read: always, unless only HTTP could
+/// let this connection through (an L7 ALLOW where the plain-TCP decision denies). Then the app is
+/// dialled once the bytes are known to be HTTP, so a connection that ends up denied never reaches
+/// it; a server-first protocol loses nothing, since such a connection is denied anyway.
+pub(super) fn dial_early(shared: &ProxyShared, meta: &ConnMeta) -> bool {
+    match &meta.subject {
+        Some(subject) if subject.http => shared.allowed_as_tcp(subject),
+        _ => true,
+    }
+}
+
+/// Relays or serves `down` to the app for `meta` (already authorized, its subject recorded);
+/// `app` is the app connection when it was dialled early ([`dial_early`]). `declared` is the
+/// port's protocol when known. Returns how it ended, or `None` when the connection was refused or
+/// failed after detection (recorded as such).
 pub(super) async fn deliver<D>(
     pod: &Arc<PodContext>,
     mut meta: ConnMeta,
     mut down: D,
-    mut app: TcpStream,
+    app: Option<TcpStream>,
     declared: Option<AppProtocol>,
 ) -> Option<Delivered>
 where
@@ -102,6 +114,7 @@ where
                     return None;
                 }
             }
+            let mut app = dialled(pod, &meta, app).await?;
             let conn = shared.open_conn(meta);
             let reason = conn.relay(&mut down, &mut app, conn.stats()).await;
             let bytes = totals(conn.stats());
@@ -111,6 +124,7 @@ where
         Detected::Http1 => Version::Http1,
         Detected::Http2 => Version::Http2,
     };
+    let app = dialled(pod, &meta, app).await?;
     meta.protocol = if version == Version::Http1 { Carried::Http1 } else { Carried::Http2 };
     meta.labels.request_protocol = RequestProtocol::Http;
     let conn = shared.open_conn(meta);
@@ -146,6 +160,20 @@ where
     let bytes = totals(conn.stats());
     conn.close(&reason);
     Some(Delivered { reason, bytes })
+}
+
+/// The app connection: the one dialled early, or a new one; `None` (recorded) when it fails.
+async fn dialled(pod: &PodContext, meta: &ConnMeta, app: Option<TcpStream>) -> Option<TcpStream> {
+    if let Some(app) = app {
+        return Some(app);
+    }
+    match connect_to_app(pod, meta.original_dst).await {
+        Ok(app) => Some(app),
+        Err(e) => {
+            pod.shared.reject_conn(meta, "conn_failed", &e.to_string());
+            None
+        }
+    }
 }
 
 fn totals(stats: &super::relay::RelayStats) -> (u64, u64) {

@@ -89,12 +89,16 @@ pub async fn handle(down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         shared.reject_conn(&meta, "conn_refused", &denied);
         return;
     }
-    let up = match connect_to_app(&pod, orig).await {
-        Ok(up) => up,
-        Err(e) => {
-            shared.reject_conn(&meta, "conn_failed", &e.to_string());
-            return;
+    let up = if deliver::dial_early(shared, &meta) {
+        match connect_to_app(&pod, orig).await {
+            Ok(up) => Some(up),
+            Err(e) => {
+                shared.reject_conn(&meta, "conn_failed", &e.to_string());
+                return;
+            }
         }
+    } else {
+        None
     };
     deliver::deliver(&pod, meta, down, up, declared).await;
 }

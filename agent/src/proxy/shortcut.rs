@@ -82,14 +82,18 @@ pub(super) async fn relay_local(
         shared.reject_conn(&meta, "conn_failed", &denied);
         return;
     }
-    let app = match connect_to_app(dst, target).await {
-        Ok(app) => app,
-        Err(e) => {
-            for m in [&meta, &inbound] {
-                shared.reject_conn(m, "conn_failed", &e.to_string());
+    let app = if deliver::dial_early(shared, &inbound) {
+        match connect_to_app(dst, target).await {
+            Ok(app) => Some(app),
+            Err(e) => {
+                for m in [&meta, &inbound] {
+                    shared.reject_conn(m, "conn_failed", &e.to_string());
+                }
+                return;
             }
-            return;
         }
+    } else {
+        None
     };
     let out = shared.open_conn(meta);
     // The inbound record is the one policy changes re-check and the HTTP layer counts; the outbound

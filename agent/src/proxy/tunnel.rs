@@ -65,12 +65,18 @@ pub async fn handle(
                 shared.reject_conn(&meta, "conn_refused", &denied);
                 return Err(Refusal::forbidden(denied));
             }
-            let app = match connect_to_app(&pod, target).await {
-                Ok(app) => app,
-                Err(e) => {
-                    shared.reject_conn(&meta, "conn_failed", &e.to_string());
-                    return Err(Refusal::unavailable("upstream refused"));
+            // Dialled before the 200, so a refusing app gets the client a 503 (unless only HTTP
+            // could allow the stream: then after its first bytes, see deliver::dial_early).
+            let app = if deliver::dial_early(shared, &meta) {
+                match connect_to_app(&pod, target).await {
+                    Ok(app) => Some(app),
+                    Err(e) => {
+                        shared.reject_conn(&meta, "conn_failed", &e.to_string());
+                        return Err(Refusal::unavailable("upstream refused"));
+                    }
                 }
+            } else {
+                None
             };
             Ok(move |stream: HboneStream| async move {
                 deliver::deliver(&pod, meta, stream, app, declared).await;
