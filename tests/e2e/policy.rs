@@ -888,3 +888,68 @@ fn audit_and_http_fields_fail_closed_on_tcp() {
         assert_eq!(p["rules"], json!([{ "index": 0, "enforcement": enforcement }]), "{p}");
     }
 }
+
+/// DENY requests to /admin paths from anyone but the client, and ALLOW `other`'s GETs: L7 rules.
+const L7_RULES: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-admin
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: DENY
+  rules:
+  - from:
+    - source:
+        notPrincipals: ["cluster.local/ns/demo/sa/client"]
+    to:
+    - operation:
+        paths: ["/admin", "/admin/*"]
+"#;
+
+#[test]
+fn trace_explains_an_l7_decision() {
+    let both = format!("{L7_RULES}---\n{ALLOW_OTHER_GET}---\n{ALLOW_CLIENT}");
+    let t = Mesh::start("ptrl7", &[("policies.yaml", &both)]).unwrap();
+    let dest = format!("demo/server:{ECHO_PORT}");
+    let trace = |src: &str, extra: &[&str]| t.cli(&[&["trace", src, dest.as_str()][..], extra].concat());
+
+    // A GET from `other` is allowed by its rule; a POST is not; a path that normalizes into /admin is
+    // denied, and the trace shows the path policy saw.
+    let get = trace("demo/other", &["--method", "GET", "--path", "/public"]);
+    assert_eq!(
+        (&get["decision"], &get["policy"]),
+        (&"allow".into(), &"demo/allow-other-get".into()),
+        "{get:#}"
+    );
+    assert_eq!(get["request"]["normalized_path"], "/public", "{get:#}");
+    let post = trace("demo/other", &["--method", "POST", "--path", "/public"]);
+    assert_eq!((&post["decision"], &post["policy"]), (&"deny".into(), &Value::Null), "{post:#}");
+    let sneaky = trace("demo/other", &["--path", "/public/../admin/x", "--host", "Echo.Demo"]);
+    assert_eq!(
+        (&sneaky["decision"], &sneaky["policy"]),
+        (&"deny".into(), &"demo/deny-admin".into()),
+        "{sneaky:#}"
+    );
+    assert_eq!(sneaky["request"]["normalized_path"], "/admin/x", "{sneaky:#}");
+    assert_eq!(sneaky["request"]["method"], "GET", "GET when only other request options are given");
+    let admin = entry(&sneaky["policies"], "policy", "demo/deny-admin");
+    assert_eq!(admin["matched"], true, "{admin}");
+    // The client is exempt from the DENY and allowed by principal; %00 is refused before policy.
+    let client = trace("demo/client", &["--path", "/admin"]);
+    assert_eq!(
+        (&client["decision"], &client["policy"]),
+        (&"allow".into(), &"demo/allow-client".into()),
+        "{client:#}"
+    );
+    let nul = trace("demo/client", &["--path", "/a%00b"]);
+    assert_eq!(nul["decision"], "deny", "{nul:#}");
+    assert!(nul["decision_reason"].as_str().is_some_and(|r| r.contains("400")), "{nul:#}");
+    // Without request options the trace is the connection's, and says each request would be decided.
+    let tcp = trace("demo/other", &[]);
+    assert!(tcp["request"].is_null(), "{tcp:#}");
+    let notes = tcp["notes"].to_string();
+    assert!(notes.contains("each request is decided"), "{tcp:#}");
+}
