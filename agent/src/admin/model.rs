@@ -396,7 +396,9 @@ pub struct PolicyView {
 pub struct PolicyRuleView {
     /// The rule's index in `spec.rules`.
     pub index: u32,
-    /// `L4`, `needs HTTP: never matches` or `needs HTTP: denies the connection`.
+    /// `L4`, or for a rule with HTTP fields (decided per request on HTTP connections) what it does
+    /// on a connection that is not HTTP: `needs HTTP: never matches` or `needs HTTP: denies the
+    /// connection`.
     pub enforcement: String,
 }
 

@@ -188,7 +188,8 @@ pub struct Authorizer {
     by_workload: HashMap<String, Selected>,
 }
 
-/// How a rule is enforced on plain TCP, for `ferry policies`.
+/// How a rule is enforced on connections that are not HTTP, for `ferry policies` (rules with HTTP
+/// fields are decided per request on HTTP connections).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enforcement {
     /// Every field is known at L4.
