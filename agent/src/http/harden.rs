@@ -121,13 +121,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     }
 }
 
-/// Whether an HTTP/1 request asks to switch protocols (`Connection: upgrade` and `Upgrade`).
+/// Whether an HTTP/1 request asks to switch protocols (`Connection: upgrade` and `Upgrade`) to one
+/// the proxy lets through. `h2c` never is: after the switch the client would speak HTTP/2 to the
+/// app directly, and its requests would bypass per-request policy (h2c smuggling); its Upgrade
+/// header is then removed like any hop-by-hop header, so the app answers in HTTP/1.1.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    let tokens = |name: header::HeaderName, token: &'static str| {
+        headers.get_all(name).into_iter().any(move |v| {
+            v.to_str().map_or(true, |v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
     headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+        && !tokens(header::UPGRADE, "h2c")
+        && tokens(header::CONNECTION, "upgrade")
 }
 
 #[cfg(test)]
@@ -197,6 +203,20 @@ mod tests {
         names.sort_unstable();
         assert_eq!(names, ["te", "x-kept"]);
         assert_eq!(map["te"], "trailers");
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_never_let_through() {
+        for upgrade in ["h2c", "H2C", "websocket, h2c"] {
+            let mut map = headers(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", upgrade),
+                ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ]);
+            assert!(!wants_upgrade(&map), "{upgrade}");
+            strip_hop_by_hop(&mut map, false);
+            assert!(map.is_empty(), "{upgrade}: {map:?}");
+        }
     }
 
     #[test]
