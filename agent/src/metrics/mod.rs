@@ -16,7 +16,7 @@ use prometheus::{
 };
 
 pub use bpf::{BpfCounterSource, BpfRedirects, RedirectDirection};
-pub use requests::RequestSample;
+pub use requests::{ConnRequests, RequestSample};
 pub use server::{DEFAULT_ADDR, MetricsServer};
 
 /// Istio's L4 label names, in the order [`ConnLabels::values`] returns them.
@@ -332,6 +332,11 @@ impl Metrics {
     /// Counts one finished HTTP request in Istio's request families.
     pub fn request(&self, sample: &RequestSample<'_>) {
         self.requests.observe(sample);
+    }
+
+    /// The request series of one connection with `labels`, resolved once per distinct outcome.
+    pub fn requests_of(&self, labels: &ConnLabels) -> requests::ConnRequests {
+        self.requests.for_connection(labels)
     }
 
     /// Counts a request the HTTP layer refused with 400 before policy, with the reason.

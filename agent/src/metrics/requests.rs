@@ -59,7 +59,77 @@ pub struct RequestSample<'a> {
     pub response_bytes: u64,
 }
 
+/// Distinct outcomes one connection keeps resolved series for; past this, lookups go through the
+/// families (a connection rarely sees more than a few status codes).
+const CACHED_OUTCOMES: usize = 8;
+
+/// The request series of one connection: its labels are fixed, so each distinct outcome
+/// (protocol, code, flags, gRPC status) is looked up in the families once, not per request.
+pub struct ConnRequests {
+    families: RequestFamilies,
+    labels: ConnLabels,
+    cache: std::sync::Mutex<Vec<(Outcome, Series)>>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct Outcome {
+    protocol: RequestProtocol,
+    code: u16,
+    flags: String,
+    grpc: Option<String>,
+}
+
+#[derive(Clone)]
+struct Series {
+    total: prometheus::IntCounter,
+    duration: prometheus::Histogram,
+    request_bytes: prometheus::Histogram,
+    response_bytes: prometheus::Histogram,
+}
+
+impl ConnRequests {
+    /// Counts one finished request of this connection (`sample.labels` is ignored: the
+    /// connection's are used).
+    pub fn observe(&self, sample: &RequestSample<'_>) {
+        let outcome = |s: &RequestSample<'_>| Outcome {
+            protocol: s.protocol,
+            code: s.response_code,
+            flags: s.response_flags.to_owned(),
+            grpc: s.grpc_status.map(str::to_owned),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = cache.iter().find(|(o, _)| {
+            o.protocol == sample.protocol
+                && o.code == sample.response_code
+                && o.flags == sample.response_flags
+                && o.grpc.as_deref() == sample.grpc_status
+        });
+        let series = match hit {
+            Some((_, series)) => series.clone(),
+            None => {
+                let series = self.families.series(&RequestSample { labels: &self.labels, ..sample.clone() });
+                if cache.len() < CACHED_OUTCOMES {
+                    cache.push((outcome(sample), series.clone()));
+                }
+                series
+            }
+        };
+        drop(cache);
+        series.observe(sample);
+    }
+}
+
+impl Series {
+    fn observe(&self, sample: &RequestSample<'_>) {
+        self.total.inc();
+        self.duration.observe(sample.duration.as_secs_f64() * 1000.0);
+        self.request_bytes.observe(sample.request_bytes as f64);
+        self.response_bytes.observe(sample.response_bytes as f64);
+    }
+}
+
 /// The registered request families.
+#[derive(Clone)]
 pub(super) struct RequestFamilies {
     total: IntCounterVec,
     duration: HistogramVec,
@@ -101,8 +171,18 @@ impl RequestFamilies {
 
     /// Counts one finished request.
     pub(super) fn observe(&self, sample: &RequestSample<'_>) {
+        self.series(sample).observe(sample);
+    }
+
+    /// The request series of one connection.
+    pub(super) fn for_connection(&self, labels: &ConnLabels) -> ConnRequests {
+        ConnRequests { families: self.clone(), labels: labels.clone(), cache: Default::default() }
+    }
+
+    /// The four series of one sample's label values.
+    fn series(&self, sample: &RequestSample<'_>) -> Series {
         let conn = sample.labels.values();
-        let mut code = itoa_buf();
+        let mut code = [b'0'; 3];
         let code = format_code(&mut code, sample.response_code);
         let protocol = match sample.protocol {
             RequestProtocol::Grpc => "grpc",
@@ -123,10 +203,12 @@ impl RequestFamilies {
             sample.response_flags,
             sample.grpc_status.unwrap_or("-"),
         ];
-        self.total.with_label_values(&values).inc();
-        self.duration.with_label_values(&values).observe(sample.duration.as_secs_f64() * 1000.0);
-        self.request_bytes.with_label_values(&values).observe(sample.request_bytes as f64);
-        self.response_bytes.with_label_values(&values).observe(sample.response_bytes as f64);
+        Series {
+            total: self.total.with_label_values(&values),
+            duration: self.duration.with_label_values(&values),
+            request_bytes: self.request_bytes.with_label_values(&values),
+            response_bytes: self.response_bytes.with_label_values(&values),
+        }
     }
 
     /// Counts a request refused before policy.
@@ -139,10 +221,6 @@ impl RequestFamilies {
         ];
         self.rejected.with_label_values(&values).inc();
     }
-}
-
-fn itoa_buf() -> [u8; 3] {
-    [b'0'; 3]
 }
 
 /// A status code as text without allocating (status codes have three digits).
@@ -159,12 +237,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_connection_counts_into_the_same_series_as_the_families() {
+        let registry = Registry::new();
+        let families = RequestFamilies::new(&registry).expect("families");
+        let mut labels = ConnLabels::unknown(super::super::Reporter::Destination);
+        labels.destination_workload = "echo".into();
+        let conn = families.for_connection(&labels);
+        let sample = |code, flags| RequestSample {
+            labels: &labels,
+            protocol: RequestProtocol::Http,
+            response_code: code,
+            response_flags: flags,
+            grpc_status: None,
+            duration: Duration::from_millis(3),
+            request_bytes: 10,
+            response_bytes: 20,
+        };
+        for code in [200, 200, 403, 200] {
+            conn.observe(&sample(code, "-"));
+        }
+        families.observe(&sample(200, "-"));
+        for code in 500..520 {
+            conn.observe(&sample(code, "UC"));
+        }
+        let count = |code: &str| {
+            let mut values = labels.values();
+            values[9] = "http";
+            let v = [&values[..], &[code, "-", "-"]].concat();
+            families.total.with_label_values(&v).get()
+        };
+        assert_eq!((count("200"), count("403")), (4, 1));
+        let total: u64 = (500..520)
+            .map(|c: u16| {
+                let mut values = labels.values().to_vec();
+                values[9] = "http";
+                let code = c.to_string();
+                values.extend([code.as_str(), "UC", "-"]);
+                families.total.with_label_values(&values).get()
+            })
+            .sum();
+        assert_eq!(total, 20, "outcomes past the cache are still counted");
+    }
+
+    #[test]
     fn codes_are_three_digits() {
-        let mut buf = itoa_buf();
-        assert_eq!(format_code(&mut buf, 200), "200");
-        let mut buf = itoa_buf();
-        assert_eq!(format_code(&mut buf, 0), "000");
-        let mut buf = itoa_buf();
-        assert_eq!(format_code(&mut buf, 503), "503");
+        for (code, text) in [(200, "200"), (0, "000"), (503, "503"), (1000, "999")] {
+            assert_eq!(format_code(&mut [b'0'; 3], code), text);
+        }
     }
 }

@@ -34,7 +34,7 @@ use crate::{
         server::{self, RequestHooks, RequestKind, RequestLog, Settings, Verdict},
         upstream::{AppConn, Dial, Upstream, Version},
     },
-    metrics::{ConnLabels, RequestProtocol, RequestSample},
+    metrics::{ConnLabels, ConnRequests, RequestProtocol, RequestSample},
     policy,
 };
 
@@ -136,6 +136,7 @@ where
         pod: pod.key.clone(),
         src: conn.meta().src,
         requests: conn.request_counter(),
+        series: shared.metrics.requests_of(&conn.meta().labels),
     });
     let counted = super::relay::Counted::new(down, conn.stats_handle());
     let dial_pod = pod.clone();
@@ -189,6 +190,7 @@ struct Hooks {
     pod: String,
     src: SocketAddr,
     requests: Arc<AtomicU64>,
+    series: ConnRequests,
 }
 
 impl RequestHooks for Hooks {
@@ -209,7 +211,7 @@ impl RequestHooks for Hooks {
             tracing::info!(pod = %self.pod, conn = self.conn_id, reason, method = %log.method, path = %log.path,
                 "HTTP request refused");
         }
-        shared.metrics.request(&RequestSample {
+        self.series.observe(&RequestSample {
             labels: &self.labels,
             protocol: match log.kind {
                 RequestKind::Grpc => RequestProtocol::Grpc,
