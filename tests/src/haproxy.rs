@@ -8,6 +8,10 @@
 //! per-destination routing, so the endpoint list stands for the one service). Inbound, the peer
 //! sidecar dials `ENDPOINT:port`, which the server pod's PREROUTING rule sends to
 //! [`INBOUND_PORT`], where HAProxy terminates TLS and forwards to 127.0.0.1:`app_port`.
+//!
+//! The sidecars proxy opaque TCP ([`Mode::Tcp`], `sidecar-haproxy`) or HTTP/1.1 ([`Mode::Http`],
+//! `sidecar-haproxy-http`: requests parsed and balanced one by one, connections kept alive and
+//! reused); everything else is the same in both modes.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -39,6 +43,17 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const NAMESPACE: &str = "demo";
 /// How long [`HaproxySidecar::start`] waits for both listeners.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the sidecars proxy: opaque TCP (`sidecar-haproxy`) or HTTP (`sidecar-haproxy-http`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// `mode tcp`: bytes relayed as they come, one upstream connection per app connection.
+    #[default]
+    Tcp,
+    /// `mode http`: HTTP/1.1 parsed per request, each request balanced over the endpoints, with
+    /// keep-alive and idle connections reused on both sides (see [`config`]).
+    Http,
+}
 
 /// A root CA and the per-pod certificates it issued, as PEM files in a temporary directory that
 /// is removed on drop (HAProxy reads them once, at start-up).
@@ -144,8 +159,20 @@ impl HaproxySidecar {
         upstreams: &[SocketAddr],
         app_port: u16,
     ) -> Result<HaproxySidecar> {
+        Self::start_mode(pod, pki, service_account, upstreams, app_port, Mode::Tcp)
+    }
+
+    /// [`HaproxySidecar::start`] proxying in `mode`.
+    pub fn start_mode(
+        pod: &Pod,
+        pki: &Pki,
+        service_account: &str,
+        upstreams: &[SocketAddr],
+        app_port: u16,
+        mode: Mode,
+    ) -> Result<HaproxySidecar> {
         let crt = pki.issue(pod.name(), service_account)?;
-        let text = config(pod.name(), &crt, pki.ca_file(), upstreams, app_port)?;
+        let text = config(pod.name(), &crt, pki.ca_file(), upstreams, app_port, mode)?;
         let config = pki.dir().join(format!("{}.cfg", pod.name()));
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let mut cmd = pod.netns_command(HAPROXY);
@@ -211,6 +238,16 @@ impl SidecarMesh {
     /// `endpoints` and whose inbound side forwards to 127.0.0.1:`app_port`. Certificates come
     /// from a fresh PKI for [`TRUST_DOMAIN`].
     pub fn start(pods: &[(&Pod, &str)], endpoints: &[SocketAddr], app_port: u16) -> Result<SidecarMesh> {
+        Self::start_mode(pods, endpoints, app_port, Mode::Tcp)
+    }
+
+    /// [`SidecarMesh::start`] with every sidecar proxying in `mode`.
+    pub fn start_mode(
+        pods: &[(&Pod, &str)],
+        endpoints: &[SocketAddr],
+        app_port: u16,
+        mode: Mode,
+    ) -> Result<SidecarMesh> {
         let pki = Pki::new(TRUST_DOMAIN)?;
         let capture = SidecarCapture {
             outbound_port: OUTBOUND_PORT,
@@ -220,7 +257,7 @@ impl SidecarMesh {
         let mut sidecars = Vec::with_capacity(pods.len());
         for (pod, service_account) in pods {
             iptables::install(pod, &capture)?;
-            sidecars.push(HaproxySidecar::start(pod, &pki, service_account, endpoints, app_port)?);
+            sidecars.push(HaproxySidecar::start_mode(pod, &pki, service_account, endpoints, app_port, mode)?);
         }
         Ok(SidecarMesh { sidecars, pki })
     }
@@ -268,10 +305,51 @@ impl SidecarMesh {
 ///
 /// Server certificates are verified against the root only: HAProxy 2.6 cannot match a URI SAN
 /// (`verifyhost` checks DNS names), so it does not pin the peer's SPIFFE ID as Ferry does.
-fn config(pod: &str, crt: &Path, ca_file: &Path, upstreams: &[SocketAddr], app_port: u16) -> Result<String> {
+///
+/// [`Mode::Http`] changes only what HTTP needs, again after the 2.6 configuration manual:
+///
+/// - `mode http`, the one that parses requests; the TLS setup, threads and capture stay as above.
+/// - `option http-keep-alive` (HAProxy's default, stated): keep-alive on both sides, "the lowest
+///   latency on the client side" and about "twice the request rate that the http-server-close
+///   option achieves on small objects" (configuration 4.2).
+/// - `http-reuse always` toward the peer sidecars: idle TLS connections to an endpoint are shared
+///   by every client connection, first requests included, which the manual recommends "when the
+///   path to the server is known for never breaking existing connections quickly after releasing
+///   them" (configuration 4.2 "http-reuse"); the peer is our own sidecar, whose keep-alive timeout
+///   outlasts the idle pool's purge (5 s). It saves a TLS handshake for most new app connections.
+///   Toward the app, the default and recommended `safe`.
+/// - `timeout http-keep-alive 10s` and `timeout http-request 30s`: idle keep-alive connections
+///   between the bench's requests (tens of ms apart) stay open; a request head may take as long as
+///   Ferry allows (its header read timeout).
+/// - Requests balanced one by one (`balance roundrobin`, no `option prefer-last-server`), as a
+///   sidecar that does L7 load balancing does; `option tcp-smart-accept` is automatic in HTTP
+///   mode, `tcp-smart-connect` stays on the backends.
+/// - No `option http-no-delay` ("it is not recommended", configuration 4.2) and no `option
+///   forwardfor` or other header rewriting: nothing but parsing and forwarding.
+/// - HTTP/1.1 between the sidecars (no `alpn h2`): one request at a time per connection is all
+///   the bench's load needs, and h2 would add framing on both sides.
+fn config(
+    pod: &str,
+    crt: &Path,
+    ca_file: &Path,
+    upstreams: &[SocketAddr],
+    app_port: u16,
+    mode: Mode,
+) -> Result<String> {
     ensure!(!upstreams.is_empty(), "sidecar of pod {pod}: no upstream endpoints");
     let crt = config_path(crt)?;
     let ca = config_path(ca_file)?;
+    let (defaults, mesh_reuse, app_reuse) = match mode {
+        Mode::Tcp => ("    mode tcp\n", "", ""),
+        Mode::Http => (
+            "    mode http\n\
+             \x20   option http-keep-alive\n\
+             \x20   timeout http-request 30s\n\
+             \x20   timeout http-keep-alive 10s\n",
+            "    http-reuse always\n",
+            "    http-reuse safe\n",
+        ),
+    };
     let mut out = format!(
         "# HAProxy sidecar of pod {pod}, generated by ferry-tests (tests/src/haproxy.rs).\n\
          global\n\
@@ -280,7 +358,7 @@ fn config(pod: &str, crt: &Path, ca_file: &Path, upstreams: &[SocketAddr], app_p
          \x20   ssl-default-server-options ssl-min-ver TLSv1.3\n\
          \n\
          defaults\n\
-         \x20   mode tcp\n\
+         {defaults}\
          \x20   timeout connect 5s\n\
          \x20   timeout client 1h\n\
          \x20   timeout server 1h\n\
@@ -292,6 +370,7 @@ fn config(pod: &str, crt: &Path, ca_file: &Path, upstreams: &[SocketAddr], app_p
          \n\
          backend endpoints\n\
          \x20   balance roundrobin\n\
+         {mesh_reuse}\
          \x20   option tcp-smart-connect\n\
          \x20   default-server ssl verify required ca-file {ca} crt {crt}\n"
     );
@@ -299,14 +378,17 @@ fn config(pod: &str, crt: &Path, ca_file: &Path, upstreams: &[SocketAddr], app_p
         // HAProxy takes the last colon as the port separator, so IPv6 needs no brackets.
         out += &format!("    server ep{i} {}:{}\n", upstream.ip(), upstream.port());
     }
+    // Automatic in HTTP mode, where forcing it is advised against (configuration 4.2).
+    let smart_accept = if mode == Mode::Tcp { "    option tcp-smart-accept\n" } else { "" };
     out += &format!(
         "\n\
          frontend inbound\n\
          \x20   bind :::{INBOUND_PORT} v4v6 ssl crt {crt} ca-file {ca} verify required\n\
-         \x20   option tcp-smart-accept\n\
+         {smart_accept}\
          \x20   default_backend app\n\
          \n\
          backend app\n\
+         {app_reuse}\
          \x20   option tcp-smart-connect\n\
          \x20   server app 127.0.0.1:{app_port}\n"
     );
@@ -419,9 +501,13 @@ mod tests {
     }
 
     fn sample() -> String {
+        sample_mode(Mode::Tcp)
+    }
+
+    fn sample_mode(mode: Mode) -> String {
         let upstreams: Vec<SocketAddr> =
             vec!["10.233.1.3:8080".parse().unwrap(), "[fd00:233:1::4]:8080".parse().unwrap()];
-        config("client", Path::new("/tmp/p/client.pem"), Path::new("/tmp/p/ca.pem"), &upstreams, 8080)
+        config("client", Path::new("/tmp/p/client.pem"), Path::new("/tmp/p/ca.pem"), &upstreams, 8080, mode)
             .unwrap()
     }
 
@@ -446,14 +532,35 @@ mod tests {
         assert!(
             !text.contains("nbthread") && !text.contains("busy-polling") && !text.contains("no-ssl-reuse")
         );
+        assert!(has("option tcp-smart-accept") && !text.contains("http"), "{text}");
+    }
+
+    #[test]
+    fn http_mode_parses_requests_and_reuses_connections() {
+        let text = sample_mode(Mode::Http);
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let has = |l: &str| lines.contains(&l);
+        assert!(has("mode http") && !has("mode tcp"), "{text}");
+        assert!(has("option http-keep-alive") && has("timeout http-keep-alive 10s"), "{text}");
+        assert!(has("http-reuse always") && has("http-reuse safe"), "{text}");
+        // The same mutual TLS as the TCP sidecar.
+        assert!(
+            has("bind :::15006 v4v6 ssl crt /tmp/p/client.pem ca-file /tmp/p/ca.pem verify required"),
+            "{text}"
+        );
+        assert!(!has("option tcp-smart-accept") && !text.contains("prefer-last-server"), "{text}");
+        // Only what HTTP mode needs differs.
+        let tcp = sample_mode(Mode::Tcp);
+        let only_tcp: Vec<&str> = tcp.lines().filter(|l| !text.lines().any(|h| h == *l)).collect();
+        assert_eq!(only_tcp, ["    mode tcp", "    option tcp-smart-accept"], "{text}");
     }
 
     #[test]
     fn config_refuses_unwritable_paths_and_no_endpoints() {
         let up: Vec<SocketAddr> = vec!["10.0.0.1:80".parse().unwrap()];
-        assert!(config("p", Path::new("/tmp/a b.pem"), Path::new("/ca.pem"), &up, 80).is_err());
-        assert!(config("p", Path::new("/a.pem"), Path::new("/tmp/#ca.pem"), &up, 80).is_err());
-        assert!(config("p", Path::new("/a.pem"), Path::new("/ca.pem"), &[], 80).is_err());
+        assert!(config("p", Path::new("/tmp/a b.pem"), Path::new("/ca.pem"), &up, 80, Mode::Tcp).is_err());
+        assert!(config("p", Path::new("/a.pem"), Path::new("/tmp/#ca.pem"), &up, 80, Mode::Tcp).is_err());
+        assert!(config("p", Path::new("/a.pem"), Path::new("/ca.pem"), &[], 80, Mode::Http).is_err());
     }
 
     /// HAProxy itself accepts the configuration with real certificates (`-c` only checks).
@@ -463,12 +570,15 @@ mod tests {
         let crt = pki.issue("client", "client").unwrap();
         let upstreams: Vec<SocketAddr> =
             vec!["10.233.1.3:8080".parse().unwrap(), "[fd00:233:1::4]:8080".parse().unwrap()];
-        let cfg = pki.dir().join("client.cfg");
-        std::fs::write(&cfg, config("client", &crt, pki.ca_file(), &upstreams, 8080).unwrap()).unwrap();
-        let out = std::process::Command::new(HAPROXY).arg("-c").arg("-f").arg(&cfg).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{}{stderr}", String::from_utf8_lossy(&out.stdout));
-        assert!(!stderr.contains("WARNING"), "{stderr}");
+        for mode in [Mode::Tcp, Mode::Http] {
+            let cfg = pki.dir().join(format!("client-{mode:?}.cfg"));
+            let text = config("client", &crt, pki.ca_file(), &upstreams, 8080, mode).unwrap();
+            std::fs::write(&cfg, text).unwrap();
+            let out = std::process::Command::new(HAPROXY).arg("-c").arg("-f").arg(&cfg).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{mode:?}: {}{stderr}", String::from_utf8_lossy(&out.stdout));
+            assert!(!stderr.contains("WARNING"), "{mode:?}: {stderr}");
+        }
     }
 
     #[test]

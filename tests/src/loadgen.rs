@@ -8,6 +8,11 @@
 //! its requests is due: a sleeping thread costs nothing, and a fine timer slack keeps its wake-ups
 //! within microseconds, where an async runtime's millisecond timer wheel would add up to a
 //! millisecond of the client's own lateness to every latency.
+//!
+//! Both also speak HTTP/1.1 ([`Wire::Http`]) against `ferry-testapp serve --http`: each request is
+//! a POST with a Content-Length body on a keep-alive connection, each response is read by its
+//! Content-Length ([`HttpConn`]). That fixed shape is all the client parses; anything else in a
+//! response (chunked framing, a close, a status other than 200) is a failed request.
 
 use std::io::{Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -17,7 +22,7 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::testapp::{BulkReport, LoadOpts, LoadReport, Trailer, payload};
+use crate::testapp::{BulkReport, LoadOpts, LoadReport, Trailer, Wire, payload};
 
 /// Highest latency the histograms hold, in microseconds (10 minutes); higher ones are clamped.
 const MAX_LATENCY_US: u64 = 600_000_000;
@@ -35,10 +40,20 @@ const BULK_CHUNK: usize = 64 * 1024;
 const TAIL: usize = 512;
 /// How long a bulk stream may take past its window to half-close and drain.
 const BULK_DRAIN: Duration = Duration::from_secs(30);
+/// Body of each request of an HTTP bulk stream.
+const HTTP_BULK_BODY: usize = 256 * 1024;
+/// The largest response head the HTTP client reads.
+const MAX_HEAD: usize = 16 * 1024;
 
 /// Open-loop requests against the echo server at `addr` (see the module doc). Failed requests are
 /// counted in the report (each ends its connection); an error means the run could not start.
 pub fn open_loop(addr: SocketAddr, opts: &LoadOpts) -> Result<LoadReport> {
+    open_loop_over(addr, opts, Wire::Echo)
+}
+
+/// [`open_loop`] speaking `wire`: over HTTP each request is a POST of `opts.size` bytes whose
+/// response must echo them.
+pub fn open_loop_over(addr: SocketAddr, opts: &LoadOpts, wire: Wire) -> Result<LoadReport> {
     ensure!(opts.rate.is_finite() && opts.rate > 0.0, "rate must be positive, got {}", opts.rate);
     ensure!(opts.conns > 0, "conns must be at least 1");
     ensure!(opts.size > 0, "size must be at least 1 byte");
@@ -53,7 +68,7 @@ pub fn open_loop(addr: SocketAddr, opts: &LoadOpts) -> Result<LoadReport> {
             .enumerate()
             .map(|(c, stream)| {
                 let schedule = &schedule;
-                scope.spawn(move || run_conn(c, stream, schedule, start, opts.size))
+                scope.spawn(move || run_conn(c, Client::new(wire, addr, stream), schedule, start, opts.size))
             })
             .collect();
         handles
@@ -100,11 +115,58 @@ struct ConnResult {
     error: Option<String>,
 }
 
+/// One open-loop connection, as its wire speaks: it sends one request and checks its response.
+enum Client {
+    /// Raw echo: the response is the request's bytes.
+    Echo { stream: TcpStream, response: Vec<u8> },
+    /// HTTP/1.1: the request is built once per connection (its body is the connection's payload).
+    Http { conn: HttpConn, request: Option<Vec<u8>>, body: Vec<u8> },
+}
+
+impl Client {
+    fn new(wire: Wire, addr: SocketAddr, stream: TcpStream) -> Client {
+        match wire {
+            Wire::Echo => Client::Echo { stream, response: Vec::new() },
+            Wire::Http => Client::Http { conn: HttpConn::new(stream, addr), request: None, body: Vec::new() },
+        }
+    }
+
+    /// Sends `payload` and checks the answer echoes it.
+    fn exchange(&mut self, payload: &[u8]) -> Result<()> {
+        match self {
+            Client::Echo { stream, response } => {
+                response.resize(payload.len(), 0);
+                stream.write_all(payload).context("send")?;
+                stream.read_exact(response).context("receive the echo")?;
+                ensure_echo(payload, response)
+            }
+            Client::Http { conn, request, body } => {
+                let request = request.get_or_insert_with(|| conn.request(payload));
+                let head = conn.exchange(request, body)?;
+                head.expect_echo(payload, body)?;
+                ensure!(!head.close, "the server closed the keep-alive connection");
+                Ok(())
+            }
+        }
+    }
+
+    /// Half-closes and drains, so the server ends the connection without a reset.
+    fn finish(self) {
+        let mut stream = match self {
+            Client::Echo { stream, .. } => stream,
+            Client::Http { conn, .. } => conn.into_stream(),
+        };
+        if stream.shutdown(Shutdown::Write).is_ok() {
+            let _ = std::io::copy(&mut stream, &mut std::io::sink());
+        }
+    }
+}
+
 /// Connection `c`'s share of the schedule (requests c, c + conns, ...), each sent when due or at
 /// once if the previous response came late, its latency taken from when it was due.
 fn run_conn(
     c: usize,
-    mut stream: TcpStream,
+    mut client: Client,
     schedule: &Schedule,
     start: Instant,
     size: usize,
@@ -113,18 +175,13 @@ fn run_conn(
     let mut result =
         ConnResult { sent: 0, latency: histogram()?, send_lag: histogram()?, last_end: None, error: None };
     let request = payload(c as u64, size);
-    let mut response = vec![0u8; size];
     let mut prev_end = start;
     for i in (c as u64..schedule.total).step_by(schedule.conns) {
         let due = start + schedule.due(i);
         sleep_until(due);
         let sent = Instant::now();
         result.sent += 1;
-        let exchanged = stream
-            .write_all(&request)
-            .context("send")
-            .and_then(|()| stream.read_exact(&mut response).context("receive the echo"))
-            .and_then(|()| ensure_echo(&request, &response));
+        let exchanged = client.exchange(&request);
         let end = Instant::now();
         if let Err(e) = exchanged {
             result.error = Some(format!("connection {c}, request {i}: {e:#}"));
@@ -138,9 +195,7 @@ fn run_conn(
         prev_end = end;
     }
     // Let the server finish its trailer rather than hitting a reset; the numbers are in already.
-    if stream.shutdown(Shutdown::Write).is_ok() {
-        let _ = std::io::copy(&mut stream, &mut std::io::sink());
-    }
+    client.finish();
     Ok(result)
 }
 
@@ -200,7 +255,7 @@ fn ensure_echo(request: &[u8], response: &[u8]) -> Result<()> {
 }
 
 /// A blocking connection with Nagle off and I/O timeouts.
-fn dial(addr: SocketAddr) -> Result<TcpStream> {
+pub fn dial(addr: SocketAddr) -> Result<TcpStream> {
     let stream =
         TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_nodelay(true)?;
@@ -311,6 +366,218 @@ async fn bulk_stream(stream: tokio::net::TcpStream, deadline: Instant) -> Result
         trailer.bytes
     );
     Ok(in_window)
+}
+
+/// One HTTP/1.1 client connection of the fixed shape the bench speaks: requests are POSTs with a
+/// Content-Length body, sent one at a time on a keep-alive connection, and each response is read
+/// by its Content-Length. Bytes read past a response stay for the next one.
+pub struct HttpConn {
+    stream: TcpStream,
+    host: String,
+    /// Read but not yet consumed.
+    buf: Vec<u8>,
+}
+
+/// What a response's head said that the client uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpHead {
+    /// The status code.
+    pub status: u16,
+    /// The body's length (0 when the status has no body).
+    pub content_length: usize,
+    /// Whether the server said `Connection: close`.
+    pub close: bool,
+    /// `x-ferry-tag`: which server answered.
+    pub tag: Option<String>,
+    /// `x-ferry-peer`: the client address as the server saw it.
+    pub peer: Option<String>,
+    /// `x-ferry-bytes`: the request body's length as the server received it.
+    pub received: Option<u64>,
+}
+
+impl HttpHead {
+    /// Checks this was a 200 whose `body` is `sent` and that the server received all of `sent`.
+    pub fn expect_echo(&self, sent: &[u8], body: &[u8]) -> Result<()> {
+        if self.status != 200 {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+            bail!("status {} ({text:?}), not 200", self.status);
+        }
+        ensure!(body.len() == sent.len(), "the response has {} body bytes, not {}", body.len(), sent.len());
+        ensure_echo(sent, body)?;
+        if let Some(received) = self.received {
+            ensure!(received == sent.len() as u64, "the server received {received} of {} bytes", sent.len());
+        }
+        Ok(())
+    }
+}
+
+impl HttpConn {
+    /// A client on `stream`, a connection to `addr` (which the Host header names).
+    pub fn new(stream: TcpStream, addr: SocketAddr) -> HttpConn {
+        HttpConn { stream, host: addr.to_string(), buf: Vec::with_capacity(4096) }
+    }
+
+    /// The whole request that POSTs `body`: head and body in one buffer, for one write.
+    pub fn request(&self, body: &[u8]) -> Vec<u8> {
+        let mut request = format!(
+            "POST /echo HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
+             Content-Length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        request
+    }
+
+    /// Writes `request` (from [`HttpConn::request`]) and reads its response: the head, with the
+    /// body in `body` (replaced). Interim (1xx) responses are skipped.
+    pub fn exchange(&mut self, request: &[u8], body: &mut Vec<u8>) -> Result<HttpHead> {
+        self.stream.write_all(request).context("send the request")?;
+        let head = loop {
+            let head = self.read_head()?;
+            if !(100..200).contains(&head.status) {
+                break head;
+            }
+        };
+        body.clear();
+        let buffered = head.content_length.min(self.buf.len());
+        body.extend(self.buf.drain(..buffered));
+        if body.len() < head.content_length {
+            let have = body.len();
+            body.resize(head.content_length, 0);
+            self.stream.read_exact(&mut body[have..]).context("receive the response body")?;
+        }
+        Ok(head)
+    }
+
+    /// The underlying connection, for closing it.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
+    /// The local address of the connection.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.local_addr()?)
+    }
+
+    /// Reads up to the end of the next response head and parses it, leaving what follows in `buf`.
+    fn read_head(&mut self) -> Result<HttpHead> {
+        let mut searched = 0;
+        loop {
+            if let Some(at) = find(&self.buf[searched..], b"\r\n\r\n") {
+                let end = searched + at + 4;
+                let head = parse_head(&self.buf[..end]);
+                self.buf.drain(..end);
+                return head;
+            }
+            searched = self.buf.len().saturating_sub(3);
+            ensure!(self.buf.len() < MAX_HEAD, "no end of the response head in {MAX_HEAD} bytes");
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).context("receive the response head")?;
+            ensure!(n > 0, "the server closed the connection before a response");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// Where `needle` starts in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Parses a response head (status line and header fields, through the empty line). Only
+/// Content-Length framing is accepted: a Transfer-Encoding, several or malformed lengths, or
+/// folded lines are errors.
+fn parse_head(head: &[u8]) -> Result<HttpHead> {
+    let text = std::str::from_utf8(head).map_err(|_| anyhow!("the response head is not UTF-8"))?;
+    let mut lines = text.strip_suffix("\r\n\r\n").unwrap_or(text).split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let rest = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .ok_or_else(|| anyhow!("not an HTTP/1.1 status line: {status_line:?}"))?;
+    let code = rest.get(..3).filter(|c| c.bytes().all(|b| b.is_ascii_digit()));
+    let status: u16 = match code {
+        Some(code) if rest.len() == 3 || rest.as_bytes()[3] == b' ' => code.parse()?,
+        _ => bail!("bad status line {status_line:?}"),
+    };
+    let mut parsed = HttpHead { status, ..HttpHead::default() };
+    let mut length = None;
+    for line in lines {
+        ensure!(!line.starts_with([' ', '\t']), "folded header line {line:?}");
+        let (name, value) = line.split_once(':').ok_or_else(|| anyhow!("bad header line {line:?}"))?;
+        ensure!(!name.is_empty() && !name.contains([' ', '\t']), "bad header name in {line:?}");
+        let value = value.trim_matches([' ', '\t']);
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => {
+                ensure!(length.is_none(), "more than one Content-Length");
+                ensure!(
+                    !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()),
+                    "bad Content-Length {value:?}"
+                );
+                length = Some(value.parse::<usize>()?);
+            }
+            "transfer-encoding" => bail!("Transfer-Encoding {value:?}: only Content-Length framing is read"),
+            "connection" => parsed.close |= value.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")),
+            "x-ferry-tag" => parsed.tag = Some(value.to_owned()),
+            "x-ferry-peer" => parsed.peer = Some(value.to_owned()),
+            "x-ferry-bytes" => parsed.received = Some(value.parse()?),
+            _ => {}
+        }
+    }
+    let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
+    parsed.content_length = match (length, bodiless) {
+        (_, true) => 0,
+        (Some(length), false) => length,
+        (None, false) => bail!("status {status} without a Content-Length"),
+    };
+    Ok(parsed)
+}
+
+/// [`bulk`] over HTTP/1.1: each stream POSTs 256 KiB bodies one after another on its keep-alive
+/// connection until `duration` is over, checking every echo; counts the echoed body bytes of the
+/// responses that ended within the window. An error when any stream fails.
+pub fn bulk_http(addr: SocketAddr, streams: usize, duration: Duration) -> Result<BulkReport> {
+    ensure!(streams > 0, "streams must be at least 1");
+    let conns = (0..streams)
+        .map(|s| dial(addr).with_context(|| format!("stream {s}")))
+        .collect::<Result<Vec<_>>>()?;
+    let deadline = Instant::now() + duration;
+    let bytes: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(s, stream)| {
+                scope.spawn(move || {
+                    let mut conn = HttpConn::new(stream, addr);
+                    let sent = payload(s as u64, HTTP_BULK_BODY);
+                    let request = conn.request(&sent);
+                    let (mut body, mut bytes) = (Vec::new(), 0u64);
+                    while Instant::now() < deadline {
+                        let head = conn.exchange(&request, &mut body)?;
+                        head.expect_echo(&sent, &body)?;
+                        if Instant::now() < deadline {
+                            bytes += body.len() as u64;
+                        }
+                    }
+                    Client::Http { conn, request: None, body }.finish();
+                    Ok(bytes)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(s, h)| {
+                let r: Result<u64> = h.join().unwrap_or_else(|_| Err(anyhow!("stream thread panicked")));
+                r.with_context(|| format!("stream {s} to {addr}"))
+            })
+            .collect::<Result<_>>()
+    })?;
+    let bytes = bytes.iter().sum();
+    let duration_s = duration.as_secs_f64();
+    let gbps = if duration_s > 0.0 { bytes as f64 * 8.0 / duration_s / 1e9 } else { 0.0 };
+    Ok(BulkReport { streams, bytes, duration_s, gbps })
 }
 
 #[cfg(test)]
@@ -428,6 +695,132 @@ mod tests {
         let mut no_size = opts(10.0, 1, 100, 0);
         no_size.size = 0;
         assert!(open_loop(addr, &no_size).unwrap_err().to_string().contains("size"));
+    }
+
+    #[test]
+    fn response_heads_are_read_by_content_length_only() {
+        let head = parse_head(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nX-Ferry-Tag: s1\r\nx-ferry-peer: 127.0.0.1:9\r\n\
+              x-ferry-bytes: 5\r\nConnection: keep-alive\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            head,
+            HttpHead {
+                status: 200,
+                content_length: 5,
+                close: false,
+                tag: Some("s1".into()),
+                peer: Some("127.0.0.1:9".into()),
+                received: Some(5),
+            }
+        );
+        let close =
+            parse_head(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: Close\r\n\r\n");
+        assert_eq!(close.map(|h| (h.status, h.close)).unwrap(), (503, true));
+        assert_eq!(parse_head(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap().content_length, 0);
+        assert_eq!(parse_head(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap().content_length, 0);
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n folded\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 20 OK\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad Name: 1\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            assert!(parse_head(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    /// A one-connection HTTP server that answers each request (read by its Content-Length) with
+    /// `answer(body)`, written a few bytes at a time, so the client must reassemble every part.
+    fn trickling_http_server(answer: fn(&[u8]) -> Vec<u8>) -> SocketAddr {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut buf = Vec::new();
+            loop {
+                let mut chunk = [0u8; 4096];
+                let Ok(n) = s.read(&mut chunk) else { return };
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let Some(end) = find(&buf, b"\r\n\r\n") else { continue };
+                let head = std::str::from_utf8(&buf[..end]).unwrap().to_ascii_lowercase();
+                let len: usize = head
+                    .split("content-length: ")
+                    .nth(1)
+                    .unwrap()
+                    .split("\r\n")
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                if buf.len() < end + 4 + len {
+                    continue;
+                }
+                let body: Vec<u8> = buf.drain(..end + 4 + len).skip(end + 4).collect();
+                for part in answer(&body).chunks(7) {
+                    if s.write_all(part).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        addr
+    }
+
+    fn echo_answer(body: &[u8]) -> Vec<u8> {
+        let mut r =
+            format!("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[test]
+    fn http_responses_in_pieces_are_reassembled() {
+        let addr = trickling_http_server(echo_answer);
+        let mut conn = HttpConn::new(dial(addr).unwrap(), addr);
+        let sent = payload(7, 300);
+        let request = conn.request(&sent);
+        assert!(request.starts_with(format!("POST /echo HTTP/1.1\r\nHost: {addr}\r\n").as_bytes()));
+        let mut body = Vec::new();
+        for _ in 0..3 {
+            let head = conn.exchange(&request, &mut body).unwrap();
+            head.expect_echo(&sent, &body).unwrap();
+        }
+        let wrong = payload(8, 300);
+        let head = conn.exchange(&conn.request(&wrong), &mut body).unwrap();
+        assert!(head.expect_echo(&sent, &body).is_err(), "another body is no echo");
+    }
+
+    #[test]
+    fn http_open_loop_counts_a_closing_or_failing_server_as_errors() {
+        fn close(body: &[u8]) -> Vec<u8> {
+            let mut r =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                    .into_bytes();
+            r.extend_from_slice(body);
+            r
+        }
+        fn forbidden(_: &[u8]) -> Vec<u8> {
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 19\r\n\r\nRBAC: access denied".to_vec()
+        }
+        for (answer, says) in
+            [(close as fn(&[u8]) -> Vec<u8>, "closed the keep-alive"), (forbidden, "status 403")]
+        {
+            let addr = trickling_http_server(answer);
+            let r = open_loop_over(addr, &opts(100.0, 1, 100, 0), Wire::Http).unwrap();
+            assert_eq!((r.requests, r.errors), (0, 1), "{r:?}");
+            assert!(r.error_messages[0].contains(says), "{r:?}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,9 +62,19 @@ pub struct PodEntry {
     ips: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mode: Option<String>,
+    /// Declared application protocols (`ports = [{ port, protocol }]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    ports: Vec<PodPort>,
     /// Last: a table, which TOML writes after the plain values.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     labels: BTreeMap<String, String>,
+}
+
+/// One entry of a pod's `ports`.
+#[derive(Debug, Clone, Serialize)]
+struct PodPort {
+    port: u16,
+    protocol: String,
 }
 
 /// One `[[services]]` entry.
@@ -132,6 +142,7 @@ impl MeshFile {
             cgroup: pod.cgroup_path().display().to_string(),
             ips: vec![pod.ipv4().to_string(), pod.ipv6().to_string()],
             mode: None,
+            ports: Vec::new(),
             labels: BTreeMap::new(),
         });
         self.pods.last_mut().expect("just pushed")
@@ -213,6 +224,13 @@ impl PodEntry {
         self
     }
 
+    /// Declares the application protocol of `port` on this pod (`"http"`, `"tcp"`, ... as
+    /// Kubernetes' `appProtocol` names them).
+    pub fn port_protocol(&mut self, port: u16, protocol: &str) -> &mut Self {
+        self.ports.push(PodPort { port, protocol: protocol.to_owned() });
+        self
+    }
+
     /// Replaces the IPs (for example to list only the IPv4 address).
     pub fn ips(&mut self, ips: &[&str]) -> &mut Self {
         self.ips = ips.iter().map(|ip| ip.to_string()).collect();
@@ -234,6 +252,7 @@ mod tests {
             cgroup: format!("/sys/fs/cgroup/x/{name}"),
             ips: ips.iter().map(|s| s.to_string()).collect(),
             mode: None,
+            ports: Vec::new(),
             labels: BTreeMap::new(),
         }
     }
@@ -303,5 +322,20 @@ mod tests {
         assert_eq!(pod["labels"]["app"].as_str(), Some("echo"));
         assert_eq!(pod["labels"]["version"].as_str(), Some("v1"));
         assert_eq!(pod["mode"].as_str(), Some("strict"), "plain values still belong to the pod");
+    }
+
+    #[test]
+    fn declared_port_protocols_are_written_when_set() {
+        let mut mesh = MeshFile::new("n");
+        mesh.pods.push(pod("server", &["10.233.2.2"]));
+        let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
+        assert!(value["pods"][0].get("ports").is_none(), "no ports unless declared");
+        mesh.pods[0].port_protocol(8080, "http").labels(&[("app", "echo")]).mode("strict");
+        let value: toml::Value = toml::from_str(&mesh.to_toml()).unwrap();
+        let pod = &value["pods"][0];
+        assert_eq!(pod["ports"][0]["port"].as_integer(), Some(8080));
+        assert_eq!(pod["ports"][0]["protocol"].as_str(), Some("http"));
+        assert_eq!(pod["labels"]["app"].as_str(), Some("echo"));
+        assert_eq!(pod["mode"].as_str(), Some("strict"));
     }
 }

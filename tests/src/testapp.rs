@@ -19,6 +19,29 @@ pub const TESTAPP: &str = "ferry-testapp";
 /// How long [`serve`] waits for the server's `{"listening":...}` line.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a client and the server speak on each connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wire {
+    /// Raw bytes echoed as they come, and a [`Trailer`] after the client half-closes ([`serve`]).
+    #[default]
+    Echo,
+    /// HTTP/1.1 on keep-alive connections: each request a POST whose Content-Length body the
+    /// server echoes as a Content-Length body, naming itself in `x-ferry-*` headers
+    /// ([`serve_http`]).
+    Http,
+}
+
+impl Wire {
+    /// The testapp flags that select this wire (none for the echo).
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Wire::Echo => &[],
+            Wire::Http => &["--http"],
+        }
+    }
+}
+
 /// The line a server prints once bound.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Listening {
@@ -249,6 +272,24 @@ pub fn serve(pod: &Pod, port: u16, tag: &str) -> Result<ChildGuard> {
     pod.spawn_server(cmd)
 }
 
+/// Starts an HTTP/1.1 echo server in `pod` (netns and cgroup) on `[::]:port`, dual-stack: it
+/// answers each request with its body (1 KiB of payload for a request without one) and the
+/// headers `x-ferry-tag` (`tag`), `x-ferry-peer` (the client as it saw it) and `x-ferry-bytes`
+/// (the request body's length); returns once it is listening.
+pub fn serve_http(pod: &Pod, port: u16, tag: &str) -> Result<ChildGuard> {
+    let mut cmd = pod.command(bin_path(TESTAPP));
+    cmd.args(["serve", "--http", "--port", &port.to_string(), "--tag", tag]);
+    pod.spawn_server(cmd)
+}
+
+/// Starts the server of `wire` ([`serve`] or [`serve_http`]).
+pub fn serve_wire(pod: &Pod, wire: Wire, port: u16, tag: &str) -> Result<ChildGuard> {
+    match wire {
+        Wire::Echo => serve(pod, port, tag),
+        Wire::Http => serve_http(pod, port, tag),
+    }
+}
+
 /// Spawns `cmd` in `pod` with stdout piped and waits for its `{"listening":...}` line.
 pub(crate) fn spawn_listening(pod: &Pod, mut cmd: Command) -> Result<ChildGuard> {
     let program = cmd.get_program().to_string_lossy().into_owned();
@@ -304,6 +345,21 @@ impl Default for ConnectOpts {
 /// are in the report, not an error; an error means the client itself could not run or report).
 pub fn connect(pod: &Pod, addr: impl Display, opts: &ConnectOpts) -> Result<ConnectReport> {
     let cmd = connect_command(pod, addr, opts, opts.timeout_ms);
+    run_json(pod, cmd, report_wait(opts))
+}
+
+/// [`connect`] over HTTP/1.1 against [`serve_http`]: each connection sends `requests` POSTs of
+/// `opts.bytes` one after another, checks every echo, and closes. The report counts connections
+/// in `ok`/`failed` and each response in `tags` and `peers_seen_by_server` (from the `x-ferry-*`
+/// headers), so a proxy that balances requests of one connection over servers shows it.
+pub fn connect_http(
+    pod: &Pod,
+    addr: impl Display,
+    opts: &ConnectOpts,
+    requests: u32,
+) -> Result<ConnectReport> {
+    let mut cmd = connect_command(pod, addr, opts, opts.timeout_ms);
+    cmd.args(["--http", "--requests", &requests.to_string()]);
     run_json(pod, cmd, report_wait(opts))
 }
 
@@ -371,13 +427,25 @@ pub struct Load {
 
 /// Runs `ferry-testapp rr` from `pod` (in its cgroup) against the echo server at `addr`.
 pub fn rr(pod: &Pod, addr: impl Display, size: usize, count: u64, warmup: u64) -> Result<RrReport> {
-    let cmd = load_command(pod, "rr", addr, Load { size, count, warmup });
+    rr_over(pod, Wire::Echo, addr, Load { size, count, warmup })
+}
+
+/// [`rr`] speaking `wire` (against the server of that wire).
+pub fn rr_over(pod: &Pod, wire: Wire, addr: impl Display, load: Load) -> Result<RrReport> {
+    let mut cmd = load_command(pod, "rr", addr, load);
+    cmd.args(wire.args());
     run_json(pod, cmd, Duration::from_secs(120))
 }
 
 /// Runs `ferry-testapp crr` from `pod` (in its cgroup) against the echo server at `addr`.
 pub fn crr(pod: &Pod, addr: impl Display, load: Load) -> Result<CrrReport> {
-    let cmd = load_command(pod, "crr", addr, load);
+    crr_over(pod, Wire::Echo, addr, load)
+}
+
+/// [`crr`] speaking `wire`: over HTTP, each connection is one request and its response.
+pub fn crr_over(pod: &Pod, wire: Wire, addr: impl Display, load: Load) -> Result<CrrReport> {
+    let mut cmd = load_command(pod, "crr", addr, load);
+    cmd.args(wire.args());
     run_json(pod, cmd, Duration::from_secs(300))
 }
 
@@ -411,8 +479,15 @@ impl Default for LoadOpts {
 /// Runs `ferry-testapp load` from `pod` (in its cgroup) against the echo server at `to`; an error
 /// (with the client's output) when any request failed.
 pub fn load(pod: &Pod, to: SocketAddr, opts: &LoadOpts) -> Result<LoadReport> {
+    load_over(pod, Wire::Echo, to, opts)
+}
+
+/// [`load`] speaking `wire`: over HTTP, each request is a POST of `opts.size` bytes and its
+/// response the echo of it, on keep-alive connections.
+pub fn load_over(pod: &Pod, wire: Wire, to: SocketAddr, opts: &LoadOpts) -> Result<LoadReport> {
     let mut cmd = pod.command(bin_path(TESTAPP));
     cmd.args(["load", &to.to_string(), "--rate", &opts.rate.to_string()])
+        .args(wire.args())
         .args(["--conns", &opts.conns.to_string(), "--size", &opts.size.to_string()])
         .args(["--duration-ms", &opts.duration.as_millis().to_string()])
         .args(["--warmup-ms", &opts.warmup.as_millis().to_string()]);
@@ -423,8 +498,21 @@ pub fn load(pod: &Pod, to: SocketAddr, opts: &LoadOpts) -> Result<LoadReport> {
 /// Runs `ferry-testapp bulk` from `pod` (in its cgroup) against the echo server at `to`; an error
 /// (with the client's output) when any stream failed.
 pub fn bulk(pod: &Pod, to: SocketAddr, streams: usize, duration: Duration) -> Result<BulkReport> {
+    bulk_over(pod, Wire::Echo, to, streams, duration)
+}
+
+/// [`bulk`] speaking `wire`: over HTTP, each stream sends large POSTs one after another and counts
+/// their echoed bodies.
+pub fn bulk_over(
+    pod: &Pod,
+    wire: Wire,
+    to: SocketAddr,
+    streams: usize,
+    duration: Duration,
+) -> Result<BulkReport> {
     let mut cmd = pod.command(bin_path(TESTAPP));
     cmd.args(["bulk", &to.to_string(), "--streams", &streams.to_string()])
+        .args(wire.args())
         .args(["--duration-ms", &duration.as_millis().to_string()]);
     run_checked(pod, cmd, duration + Duration::from_secs(60))
 }

@@ -161,17 +161,18 @@ fn run_round(
 /// Builds the scenario's world and mesh, proves the path, measures, and tears it all down; with
 /// `flame`, writes the mesh's flame graph there (scenarios without mesh processes have none).
 fn run_scenario(def: &ScenarioDef, plan: &Plan, flame: Option<&Path>) -> Result<Measured> {
-    let world = World::build(def.topology)?;
+    let world = World::build(def.topology, def.wire)?;
     let mesh = meshes::install(&world, def.mesh)?;
     meshes::check_path(&world, &mesh, def.mesh).context("the traffic does not take the scenario's path")?;
     eprintln!("ferry-bench: {}: path checked, measuring", def.name);
     let pids = mesh.pids();
+    let processes = mesh.processes();
     let perf_data = flame.filter(|_| !pids.is_empty()).map(|out| profile::data_path(out, def.name));
     let measured = measure::run(&world, &pids, plan, perf_data.as_deref())?;
     drop(mesh);
     drop(world);
     if let (Some(data), Some(out)) = (&perf_data, flame) {
-        profile::write(data, out, def.name, plan.mode)?;
+        profile::write(data, out, def.name, plan.mode, &processes)?;
     }
     Ok(measured)
 }
@@ -187,7 +188,7 @@ fn write(out: &Path, report: &Report) -> Result<()> {
         report.plan.mode,
         &report.commit[..report.commit.len().min(12)]
     );
-    let svg = plot::latency_svg(&report.scenarios, &title);
+    let svg = plot::latency_svg(&report.scenarios, &title)?;
     for (name, text) in [("report.json", json + "\n"), ("report.md", md.clone()), ("latency.svg", svg)] {
         let path = out.join(name);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
@@ -215,6 +216,12 @@ mod tests {
             ["direct", "ferry-mtls", "ferry-mtls-policy"],
             "SCENARIOS order, not the order given"
         );
+        let names: Vec<&str> = select(&["ferry-mtls-http".to_owned(), "sidecar-haproxy-http".to_owned()])
+            .unwrap()
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["direct-http", "ferry-mtls-http", "sidecar-haproxy-http"], "the HTTP baseline");
         assert_eq!(select(&[]).unwrap().len(), SCENARIOS.len());
         assert!(select(&["nope".to_owned()]).is_err());
     }

@@ -51,13 +51,16 @@ impl Measured {
     }
 }
 
-/// Runs the workloads from `world.client` to the service, with `pids` as the mesh's processes.
+/// Runs the workloads from `world.client` to the service, in the world's wire (raw echo or
+/// HTTP/1.1), with `pids` as the mesh's processes.
 /// With `profile`, perf samples those processes' stacks into that file during the headline
 /// open-loop run.
 pub fn run(world: &World, pids: &[u32], plan: &Plan, profile: Option<&Path>) -> Result<Measured> {
     let to = world.service();
     let client = &world.client;
-    let rr = testapp::rr(client, to, SIZE, plan.rr_count, plan.rr_warmup).context("closed-loop rr")?;
+    let wire = world.wire;
+    let rr_load = Load { size: SIZE, count: plan.rr_count, warmup: plan.rr_warmup };
+    let rr = testapp::rr_over(client, wire, to, rr_load).context("closed-loop rr")?;
     ensure!(rr.count == plan.rr_count, "rr measured {} of {} round trips", rr.count, plan.rr_count);
 
     let sampling = AtomicBool::new(true);
@@ -78,7 +81,7 @@ pub fn run(world: &World, pids: &[u32], plan: &Plan, profile: Option<&Path>) -> 
                     Some(data) if conns == HEADLINE_CONNS => Some(Recording::start(pids, data)?),
                     _ => None,
                 };
-                let report = testapp::load(client, to, &opts)
+                let report = testapp::load_over(client, wire, to, &opts)
                     .with_context(|| format!("open loop, {conns} connections"))?;
                 if let Some(recording) = recording {
                     recording.stop().context("profiling the mesh processes with perf")?;
@@ -97,10 +100,11 @@ pub fn run(world: &World, pids: &[u32], plan: &Plan, profile: Option<&Path>) -> 
     // Warm-up requests are not recorded, but the CPU time covers them too.
     let requests_sent = load.iter().map(|l| l.sent).sum();
 
-    let crr = testapp::crr(client, to, Load { size: SIZE, count: plan.crr_count, warmup: 10 })
+    let crr = testapp::crr_over(client, wire, to, Load { size: SIZE, count: plan.crr_count, warmup: 10 })
         .context("connection rate")?;
-    let bulk_1 = testapp::bulk(client, to, 1, plan.bulk).context("bulk, one stream")?;
-    let bulk_n = testapp::bulk(client, to, BULK_STREAMS, plan.bulk).context("bulk, several streams")?;
+    let bulk_1 = testapp::bulk_over(client, wire, to, 1, plan.bulk).context("bulk, one stream")?;
+    let bulk_n =
+        testapp::bulk_over(client, wire, to, BULK_STREAMS, plan.bulk).context("bulk, several streams")?;
     Ok(Measured { load, rr, crr, bulk_1, bulk_n, cpu_s, requests_sent, rss_mb, mesh_processes: pids.len() })
 }
 

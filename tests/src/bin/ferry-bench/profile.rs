@@ -1,5 +1,6 @@
 //! `--flamegraph`: samples the mesh processes' stacks with Linux `perf` during the headline
-//! open-loop run and turns them into `OUT/flame-<scenario>.folded` and `.svg` ([`crate::flame`]).
+//! open-loop run and turns them into `OUT/flame-<scenario>.folded` and `.svg` ([`crate::flame`],
+//! with inferno), each stack rooted at the process it was sampled in.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -100,10 +101,13 @@ fn interrupt(mut child: Child) -> Result<std::process::ExitStatus> {
 }
 
 /// Turns a scenario's recorded samples into `OUT/flame-<scenario>.folded` and `.svg` and removes
-/// the raw data; `mode` (full, quick) goes in the picture's title.
-pub fn write(data: &Path, out: &Path, scenario: &str, mode: &str) -> Result<()> {
+/// the raw data; `processes` names the sampled pids (each stack's root), `mode` (full, quick)
+/// goes in the picture's title.
+pub fn write(data: &Path, out: &Path, scenario: &str, mode: &str, processes: &[(u32, String)]) -> Result<()> {
+    // `+pid`: a sample's header names its process as well as its thread, which the stacks are
+    // rooted at (perf's default for a `-p` recording names the thread only).
     let script = Command::new(PERF)
-        .arg("script")
+        .args(["script", "-F", "+pid"])
         .arg("-i")
         .arg(data)
         .stdin(Stdio::null())
@@ -117,7 +121,7 @@ pub fn write(data: &Path, out: &Path, scenario: &str, mode: &str) -> Result<()> 
             String::from_utf8_lossy(&script.stderr).trim()
         );
     }
-    let folded = flame::collapse(&String::from_utf8_lossy(&script.stdout));
+    let folded = flame::collapse(&script.stdout, processes)?;
     ensure!(
         !folded.is_empty(),
         "`{PERF} record` caught no samples of the mesh processes ({})",
@@ -126,7 +130,10 @@ pub fn write(data: &Path, out: &Path, scenario: &str, mode: &str) -> Result<()> 
     let title = format!(
         "{scenario}: mesh processes' stacks, 1 KiB at {RATE} req/s over {HEADLINE_CONNS} connections ({mode} run)"
     );
-    for (ext, text) in [("folded", flame::folded_text(&folded)), ("svg", flame::svg(&folded, &title))] {
+    for (ext, text) in [
+        ("folded", flame::folded_text(&folded)),
+        ("svg", flame::svg(&folded, &title, flame::unit(&script.stdout))?),
+    ] {
         let path = out.join(format!("flame-{scenario}.{ext}"));
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }

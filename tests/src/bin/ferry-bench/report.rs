@@ -180,6 +180,22 @@ pub fn compare(rows: &[Row]) -> (Vec<Ratio>, Vec<Target>) {
         target("ferry-local-fastpath added p50 <= 0.5x sidecar-haproxy-local's".to_owned(), r.added_p50, 0.5);
         ratios.push(r);
     }
+    // The L7 hop: Ferry's destination agent serving HTTP/1.1 against HAProxy sidecars in HTTP mode,
+    // both measured against the HTTP baseline (direct-http).
+    if let (Some(http), Some(h)) = (find("ferry-mtls-http"), find("sidecar-haproxy-http")) {
+        let r = ratio(http, h);
+        target("ferry-mtls-http added p50 <= sidecar-haproxy-http's".to_owned(), r.added_p50, 1.0);
+        target("ferry-mtls-http added p99 <= sidecar-haproxy-http's".to_owned(), r.added_p99, 1.0);
+        target("ferry-mtls-http CPU per request <= 0.7x sidecar-haproxy-http's".to_owned(), r.cpu, 0.7);
+        ratios.push(r);
+    }
+    // What the L7 layer adds to Ferry's L4 path: each against its own baseline, so the apps'
+    // own HTTP parsing is not counted as the mesh's.
+    if let (Some(http), Some(plain)) = (find("ferry-mtls-http"), find("ferry-mtls")) {
+        let r = ratio(http, plain);
+        target("ferry-mtls-http added p50 <= 1.3x ferry-mtls's".to_owned(), r.added_p50, 1.3);
+        ratios.push(r);
+    }
     // Not one of the issue's targets: what enforcing a realistic policy set costs, which should be
     // close to nothing (one decision per connection, none per request).
     if let (Some(policy), Some(plain)) = (find("ferry-mtls-policy"), find("ferry-mtls")) {
@@ -313,7 +329,9 @@ pub fn markdown(r: &Report) -> String {
          measured from each request's intended send time (coordinated omission corrected), {:.1} s per run. \
          Added = scenario minus its no-mesh baseline in the same run. CPU: user+system seconds of all mesh \
          processes per 1,000 requests during the open-loop runs. RSS: peak summed resident memory of all \
-         mesh processes. Gbit/s: {BULK_STREAMS} bulk echo streams.\n",
+         mesh processes. Gbit/s: {BULK_STREAMS} bulk echo streams. Scenarios ending in `-http` speak \
+         HTTP/1.1 (POSTs of 1 KiB answered with 1 KiB on keep-alive connections; bulk: 256 KiB POSTs) \
+         and are measured against `direct-http`.\n",
         r.plan.load.as_secs_f64()
     );
     let _ = writeln!(
@@ -423,6 +441,38 @@ mod tests {
             row("sidecar-haproxy-local", "direct-local", &measured(150.0, 2.0, 300.0), Some(&local)),
             row("ferry-mtls-policy", "direct", &measured(141.6, 1.02, 51.0), Some(&direct)),
         ]
+    }
+
+    /// [`rows`] plus the HTTP scenarios: direct-http at 120 us, ferry-mtls-http at 170 us costing
+    /// 1.2 s, HAProxy in HTTP mode at 220 us costing 2.4 s.
+    fn http_rows() -> Vec<Row> {
+        let direct = measured(120.0, 0.0, 0.0);
+        let mut rows = rows();
+        rows.extend([
+            row("direct-http", "direct-http", &direct, None),
+            row("ferry-mtls-http", "direct-http", &measured(170.0, 1.2, 52.0), Some(&direct)),
+            row("sidecar-haproxy-http", "direct-http", &measured(220.0, 2.4, 320.0), Some(&direct)),
+        ]);
+        rows
+    }
+
+    #[test]
+    fn http_is_compared_with_haproxy_in_http_mode_and_with_ferrys_l4_path() {
+        let (ratios, targets) = compare(&http_rows());
+        let h = ratios.iter().find(|r| r.name == "ferry-mtls-http / sidecar-haproxy-http").unwrap();
+        // 50 us added against 100 (each over direct-http), 0.12 s/1k against 0.24.
+        assert!((h.added_p50 - 0.5).abs() < 1e-9 && (h.cpu - 0.5).abs() < 1e-9, "{h:?}");
+        let l4 = ratios.iter().find(|r| r.name == "ferry-mtls-http / ferry-mtls").unwrap();
+        // 50 us added over direct-http against ferry-mtls's 40 over direct.
+        assert!((l4.added_p50 - 1.25).abs() < 1e-9, "{l4:?}");
+        let http: Vec<&Target> = targets.iter().filter(|t| t.target.starts_with("ferry-mtls-http")).collect();
+        let limits: Vec<f64> = http.iter().map(|t| t.limit).collect();
+        assert_eq!(limits, [1.0, 1.0, 0.7, 1.3], "{http:?}");
+        assert!(http.iter().all(|t| t.met), "{http:?}");
+        // Without the HTTP scenarios in the run, no HTTP ratio is made up.
+        let (ratios, targets) = compare(&rows());
+        assert!(ratios.iter().all(|r| !r.name.contains("http")), "{ratios:?}");
+        assert!(targets.iter().all(|t| !t.target.contains("http")), "{targets:?}");
     }
 
     #[test]
@@ -545,11 +595,15 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| ferry-mtls | 16 | 140.0 | 280.0 | 420.0 | 0.0 | 1000 |"), "{md}");
-        let svg = crate::plot::latency_svg(&report.scenarios, "t");
+        let svg = crate::plot::latency_svg(&report.scenarios, "t").unwrap();
         for s in &report.scenarios {
-            assert!(svg.contains(&format!(">{}</text>", s.name)), "{} missing", s.name);
+            assert!(svg.contains(&format!(">\n{}\n</text>", s.name)), "{} missing", s.name);
         }
-        // One bar (with its hover title) per percentile per scenario.
-        assert_eq!(svg.matches("<title>").count(), 4 * report.scenarios.len());
+        // One bar per percentile per scenario, in its series' colour.
+        for colour in ["#1B9E77", "#7570B3", "#D95F02", "#E7298A"] {
+            let bars = svg.matches(&format!("fill=\"{colour}\"")).count();
+            // Plus the legend's swatch.
+            assert_eq!(bars, report.scenarios.len() + 1, "{colour} in {svg}");
+        }
     }
 }

@@ -1,12 +1,14 @@
 //! The pods every scenario measures: one client pod and [`SERVERS`] echo server pods behind one
 //! service VIP, either all on one node (`-local` scenarios) or with the servers on a second node
-//! joined by a link (cross-node scenarios). A scenario's mesh is added on top by
-//! [`crate::meshes`].
+//! joined by a link (cross-node scenarios). The servers speak the scenario's [`Wire`]: the raw
+//! echo, or HTTP/1.1 (`-http` scenarios, whose server port the mesh file declares `http`). A
+//! scenario's mesh is added on top by [`crate::meshes`].
 
 use std::net::{SocketAddr, SocketAddrV4};
 
 use anyhow::{Context as _, Result};
-use ferry_tests::scenario::{NAMESPACE, SERVER_PORT, SERVICE, SERVICE_PORT, VIP4, VIP4_IP, serve};
+use ferry_tests::scenario::{NAMESPACE, SERVER_PORT, SERVICE, SERVICE_PORT, VIP4, VIP4_IP};
+use ferry_tests::testapp::{Wire, serve_wire};
 use ferry_tests::{ChildGuard, MeshFile, NodeLink, Pod, SimNode, link_nodes, netns};
 
 /// Server pods behind the service.
@@ -32,6 +34,8 @@ pub enum Topology {
 pub struct World {
     /// Where the servers are.
     pub topology: Topology,
+    /// What the servers (and so the load) speak.
+    pub wire: Wire,
     /// The client pod (on node-a).
     pub client: Pod,
     /// The server pods, each running an echo server on [`SERVER_PORT`].
@@ -43,8 +47,8 @@ pub struct World {
 }
 
 impl World {
-    /// Builds the nodes, pods and echo servers of `topology`.
-    pub fn build(topology: Topology) -> Result<World> {
+    /// Builds the nodes, pods and echo servers of `topology`, the servers speaking `wire`.
+    pub fn build(topology: Topology, wire: Wire) -> Result<World> {
         let mut a = SimNode::new("bench-a", 1)?;
         let mut b = match topology {
             Topology::Local => None,
@@ -67,11 +71,11 @@ impl World {
         }
         let echo = servers
             .iter()
-            .map(|s| serve(s, SERVER_PORT, s.name()))
+            .map(|s| serve_wire(s, wire, SERVER_PORT, s.name()))
             .collect::<Result<Vec<_>>>()
             .context("starting the echo servers")?;
         let nodes = std::iter::once(a).chain(b).collect();
-        Ok(World { topology, client, servers, _echo: echo, _link: link, nodes })
+        Ok(World { topology, wire, client, servers, _echo: echo, _link: link, nodes })
     }
 
     /// The node a server pod runs on, by mesh name.
@@ -93,7 +97,8 @@ impl World {
     }
 
     /// A mesh file naming every pod (client on node-a, servers on their node; `node_of` overrides
-    /// the node name of each pod, as sidecars are one "node" each) and the service.
+    /// the node name of each pod, as sidecars are one "node" each) and the service. Over HTTP, the
+    /// servers' port is declared `protocol = "http"`.
     pub fn mesh_file(&self, this_node: &str, node_of: impl Fn(&Pod, &str) -> String) -> MeshFile {
         let mut mesh = MeshFile::new(this_node);
         mesh.pod(&self.client, NAMESPACE, CLIENT_SA)
@@ -101,10 +106,14 @@ impl World {
             .ips(&[&self.client.ipv4().to_string()]);
         for s in &self.servers {
             // Labelled as a Deployment's pods would be, for policies that select the servers.
-            mesh.pod(s, NAMESPACE, SERVICE)
+            let entry = mesh
+                .pod(s, NAMESPACE, SERVICE)
                 .node(&node_of(s, self.server_node()))
                 .ips(&[&s.ipv4().to_string()])
                 .labels(&[("app", SERVICE)]);
+            if self.wire == Wire::Http {
+                entry.port_protocol(SERVER_PORT, "http");
+            }
         }
         let names: Vec<&str> = self.servers.iter().map(|s| s.name()).collect();
         mesh.service(SERVICE, NAMESPACE, &[VIP4], &[(SERVICE_PORT, SERVER_PORT)], &names);
