@@ -28,9 +28,18 @@ impl EventSink {
 
     /// Writes one event as a single line, in one write so concurrent readers never see half a line.
     pub fn emit(&self, event: Value) {
-        let Some(file) = &self.file else { return };
+        if self.file.is_none() {
+            return;
+        }
         let mut line = event.to_string();
         line.push('\n');
+        self.emit_line(&line);
+    }
+
+    /// Writes an already serialized event, `line` ending in a newline, in one write: a record bound
+    /// for several sinks is serialized once.
+    pub fn emit_line(&self, line: &str) {
+        let Some(file) = &self.file else { return };
         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = f.write_all(line.as_bytes()) {
             tracing::warn!(error = %e, "writing event failed");

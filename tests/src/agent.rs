@@ -39,7 +39,14 @@ impl Agent {
     /// [`Agent::start`] with another program in place of the `ferry` binary.
     pub fn start_program(node: &SimNode, program: &Path, mesh_toml: &str) -> Result<Agent> {
         let what = format!("agent on node {}", node.name());
-        Self::launch(node.command(program), mesh_toml, |cmd| node.spawn(cmd), &what)
+        Self::launch(node.command(program), mesh_toml, |cmd| node.spawn(cmd), &what, true)
+    }
+
+    /// [`Agent::start`] as operators run it by default, without an access log (the bench: the
+    /// sidecars it is compared with log nothing either). The events file is still written.
+    pub fn start_without_access_log(node: &SimNode, mesh_toml: &str) -> Result<Agent> {
+        let what = format!("agent on node {}", node.name());
+        Self::launch(node.command(bin_path("ferry")), mesh_toml, |cmd| node.spawn(cmd), &what, false)
     }
 
     /// Starts `ferry run` as a classic sidecar of `pod`: inside the pod's netns (not its cgroup),
@@ -50,7 +57,7 @@ impl Agent {
         let mut cmd = pod.netns_command(bin_path("ferry"));
         cmd.gid(PROXY_GID);
         let what = format!("sidecar in pod {}", pod.name());
-        Self::launch(cmd, mesh_toml, |cmd| pod.spawn(cmd), &what)
+        Self::launch(cmd, mesh_toml, |cmd| pod.spawn(cmd), &what, true)
     }
 
     /// Runs `cmd` as `ferry run` with a fresh directory of files and waits for readiness.
@@ -59,6 +66,7 @@ impl Agent {
         mesh_toml: &str,
         spawn: impl FnOnce(Command) -> Result<ChildGuard>,
         what: &str,
+        access_log: bool,
     ) -> Result<Agent> {
         let dir =
             tempfile::Builder::new().prefix("ferry-agent-").tempdir().context("cannot create a temp dir")?;
@@ -75,13 +83,14 @@ impl Agent {
             .arg(&mesh)
             .arg("--events")
             .arg(&events)
-            .arg("--access-log")
-            .arg(dir.path().join("access.log"))
             .arg("--admin-socket")
             .arg(dir.path().join("admin.sock"))
             .stdin(Stdio::null())
             .stdout(log("stdout.log")?)
             .stderr(log("stderr.log")?);
+        if access_log {
+            cmd.arg("--access-log").arg(dir.path().join("access.log"));
+        }
         let child = spawn(cmd)?;
         let agent = Agent { pid: child.pid(), child: Mutex::new(child), dir };
         agent

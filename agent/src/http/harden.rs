@@ -8,6 +8,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Version, header};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     /// Content-Length and Transfer-Encoding together: two framings, so the message is ambiguous.
+    /// hyper's HTTP/1 parser already resolves it (chunked wins, Content-Length is dropped, the
+    /// connection closes after the response); this catches the pair wherever it still arrives.
     ContentLengthAndTransferEncoding,
     /// More than one Content-Length field.
     DuplicateContentLength,

@@ -227,17 +227,11 @@ impl RequestHooks for Hooks {
         if !shared.access_log.enabled() && !shared.events.enabled() {
             return;
         }
-        let record = self.record(log);
-        if shared.access_log.enabled() {
-            shared.access_log.emit(record.clone());
-        }
-        if shared.events.enabled() {
-            let mut event = record;
-            if let Some(obj) = event.as_object_mut() {
-                obj.insert("event".into(), "http_request".into());
-            }
-            shared.events.emit(event);
-        }
+        // One record, serialized once, for both sinks (this runs once per request).
+        let mut line = self.record(log).to_string();
+        line.push('\n');
+        shared.access_log.emit_line(&line);
+        shared.events.emit_line(&line);
     }
 }
 
@@ -250,6 +244,7 @@ impl Hooks {
             "time": time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
             "kind": "request",
+            "event": "http_request",
             "conn": self.conn_id,
             "pod": self.pod,
             "src": self.src.to_string(),

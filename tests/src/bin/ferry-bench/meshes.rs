@@ -182,7 +182,9 @@ fn node_agents(world: &World, mtls: bool, shortcut: bool, policies: Option<Polic
         if let Some(dir) = &policies {
             mesh.root_namespace(policy::ROOT_NAMESPACE).policies(dir.path());
         }
-        agents.push(Agent::start(sim, &mesh.to_toml()).with_context(|| format!("agent on {node}"))?);
+        // As operators run it by default: no access log (the sidecars compared log nothing).
+        let agent = Agent::start_without_access_log(sim, &mesh.to_toml());
+        agents.push(agent.with_context(|| format!("agent on {node}"))?);
     }
     let agent_names = nodes.iter().map(|n| format!("agent {n}")).collect();
     Ok(Mesh { agents, agent_names, haproxy: None, _ca: ca, _policies: policies })
