@@ -6,7 +6,10 @@
 //! way out or steered on its way in, the original destination, the chosen endpoint, bytes each way
 //! and how it closed. A last scene adds an Istio AuthorizationPolicy while the agent runs (it
 //! hot-reloads it), shows one connection allowed and one denied and how `ferry policies` and
-//! `ferry trace` explain it, then removes the policy again. It then checks its own results and
+//! `ferry trace` explain it, then removes the policy again. An HTTP scene follows: requests on one
+//! keep-alive connection are decided one by one by an L7 policy (paths, normalized as Istio does),
+//! a denied one gets 403 `RBAC: access denied` and the next still succeeds, and the access log has
+//! a line per request. It then checks its own results and
 //! exits non-zero if any check fails. Needs root (run it with `cargo xtask demo`); everything is
 //! torn down on exit.
 
@@ -30,6 +33,8 @@ use serde_json::Value;
 const BYTES: usize = 4096;
 /// How long VIP connections stay open together, so the balancer sees them as concurrent load.
 const HOLD_MS: u64 = 300;
+/// Where server-1 also runs an HTTP server (undeclared: the agent detects HTTP).
+const HTTP_PORT: u16 = 8081;
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -157,6 +162,7 @@ struct Demo {
     servers: Vec<Pod>,
     outsider: Pod,
     _servers: Vec<ChildGuard>,
+    _http: ChildGuard,
     node: SimNode,
 }
 
@@ -172,7 +178,8 @@ impl Demo {
         let agent =
             Agent::start(&pods.node, &echo_service(&mut mesh).to_toml()).context("starting the agent")?;
         let ScenarioPods { client, servers, outsider, server_guards, node } = pods;
-        Ok(Self { agent, policies, client, servers, outsider, _servers: server_guards, node })
+        let http = testapp::serve_http(&servers[0], HTTP_PORT, "server-1-http")?;
+        Ok(Self { agent, policies, client, servers, outsider, _servers: server_guards, _http: http, node })
     }
 }
 
@@ -228,6 +235,7 @@ fn run() -> Result<Checks> {
     );
 
     policy_scene(&mut checks, &s)?;
+    http_scene(&mut checks, &s)?;
 
     println!("\nStopping the agent (SIGTERM) and tearing the node down...");
     let Demo { agent, node, .. } = s;
@@ -680,6 +688,120 @@ fn decision_text(e: &Value) -> String {
         format!("relayed to the app, closed {}", e["close_reason"].as_str().unwrap_or("?"))
     };
     format!("{decision} ({by}); {what}")
+}
+
+/// The HTTP scene's policy: DENY /admin paths to the echo servers, for every source.
+const DENY_ADMIN: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-admin
+  namespace: demo
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin", "/admin/*"]
+"#;
+
+/// The HTTP scene: an L7 DENY is hot-reloaded; the outsider sends four requests on one keep-alive
+/// connection to server-1's HTTP port, which the agent detects as HTTP and decides one by one.
+fn http_scene(checks: &mut Checks, s: &Demo) -> Result<()> {
+    println!("\n[7] HTTP in the node proxy: an L7 policy decides each request of one connection");
+    print_indented(DENY_ADMIN, "      ");
+    let reload = next_reload(&s.agent, || s.policies.write("deny-admin.yaml", DENY_ADMIN))?;
+    check_reload(checks, &reload, 1, "the agent hot-reloaded the L7 policy");
+    let to = SocketAddr::new(s.servers[0].ipv4().into(), HTTP_PORT);
+    let paths = ["/public", "/admin/users", "/public/../admin", "/public?again=1"];
+    let answers = ferry_tests::netns::in_netns(s.outsider.netns_path(), || keep_alive_gets(to, &paths))??;
+    for (path, (status, body)) in paths.iter().zip(&answers) {
+        println!(
+            "    GET {path:<20} -> {status} {}",
+            if *status == 200 { "(from the app)".into() } else { format!("{body:?}") }
+        );
+    }
+    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    checks.check(statuses == [200, 403, 403, 200], "[7] GET /public 200, /admin/users 403, /public/../admin 403 (normalized), /public 200 again, on one connection");
+    checks.check(
+        answers.iter().filter(|(status, _)| *status == 403).all(|(_, body)| body == "RBAC: access denied"),
+        "[7] a denied request gets Istio's answer: 403 RBAC: access denied",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let lines: Vec<Value> = s.agent.access_log().into_iter().filter(|l| l["kind"] == "request").collect();
+        if lines.len() >= paths.len() || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!("    access log:");
+    for l in &lines {
+        println!(
+            "      {} {} {} -> {} ({}{})",
+            l["method"].as_str().unwrap_or("?"),
+            l["authority"].as_str().unwrap_or("?"),
+            l["path"].as_str().unwrap_or("?"),
+            l["status"],
+            l["policy_decision"].as_str().unwrap_or("?"),
+            l["policy"].as_str().map(|p| format!(" by {p}")).unwrap_or_default(),
+        );
+    }
+    let denied = lines.iter().filter(|l| l["status"] == 403 && l["policy"] == "demo/deny-admin").count();
+    checks.check(
+        lines.len() == paths.len() && denied == 2,
+        format!(
+            "[7] the access log has one line per request ({} of {}), the two 403s by demo/deny-admin",
+            lines.len(),
+            paths.len()
+        ),
+    );
+    let reload = next_reload(&s.agent, || {
+        std::fs::remove_file(s.policies.path().join("deny-admin.yaml")).context("removing the policy")
+    })?;
+    check_reload(checks, &reload, 0, "the agent reloaded without the L7 policy");
+    Ok(())
+}
+
+/// Sends `GET` for each of `paths` on one keep-alive connection to `to`; each answer's status and
+/// body (bodies are read by their Content-Length).
+fn keep_alive_gets(to: SocketAddr, paths: &[&str]) -> Result<Vec<(u16, String)>> {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).context("connecting")?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut answers = Vec::new();
+    for path in paths {
+        write!(writer, "GET {path} HTTP/1.1\r\nHost: server-1.demo\r\n\r\n")?;
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("status line {line:?}"))?;
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header)?;
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().context("content-length")?;
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        answers.push((status, String::from_utf8_lossy(&body).into_owned()));
+    }
+    Ok(answers)
 }
 
 /// Prints `text` line by line after `indent`.
