@@ -14,7 +14,10 @@ pub mod control;
 pub mod counting_server;
 mod fork;
 pub mod haproxy;
+pub mod http_app;
+pub mod http_client;
 pub mod iptables;
+pub mod l7_mesh;
 mod link;
 pub mod loadgen;
 pub mod mesh;
@@ -24,6 +27,7 @@ mod node;
 mod pod;
 pub mod policy_dir;
 mod process;
+pub mod prometheus;
 pub mod scenario;
 pub mod testapp;
 

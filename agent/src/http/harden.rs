@@ -41,6 +41,17 @@ impl Rejection {
             Rejection::Path => "invalid_path",
         }
     }
+
+    /// Whether the refusal is about how the message is framed: then where the next request on an
+    /// HTTP/1 connection starts is in doubt too, and the connection must close after the 400.
+    pub fn is_framing(self) -> bool {
+        matches!(
+            self,
+            Rejection::ContentLengthAndTransferEncoding
+                | Rejection::DuplicateContentLength
+                | Rejection::TransferEncoding
+        )
+    }
 }
 
 /// Checks a request head as hyper parsed it; `Ok` gives the authority policy keys on.
@@ -177,6 +188,17 @@ mod tests {
         }
         assert_eq!(check_h1("http://b/x", &[("host", "a")]), Err(HostMismatch));
         assert_eq!(check_h1("a:80", &[("host", "a:80")]), Err(Target));
+    }
+
+    #[test]
+    fn only_framing_refusals_end_the_connection() {
+        use Rejection::*;
+        for r in [ContentLengthAndTransferEncoding, DuplicateContentLength, TransferEncoding] {
+            assert!(r.is_framing(), "{r:?}");
+        }
+        for r in [MissingHost, DuplicateHost, HostMismatch, Target, Path] {
+            assert!(!r.is_framing(), "{r:?}");
+        }
     }
 
     #[test]

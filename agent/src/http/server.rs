@@ -7,7 +7,7 @@ use std::{
     convert::Infallible,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
-    body::{BoxError, End, Metered, ProxyBody, grpc_status},
+    body::{BoxError, End, Metered, OnEnd, ProxyBody, grpc_status},
     harden::{self, Rejection},
     path::{Normalization, normalize},
     trace_context,
@@ -180,7 +180,14 @@ async fn handle(conn: &Conn, mut request: Request<Incoming>) -> Response<ProxyBo
         Ok(admitted) => admitted,
         Err(rejection) => {
             log.rejection = Some(rejection.reason());
-            return finish_local(conn, log, started, StatusCode::BAD_REQUEST, "bad request");
+            let http1 = log.version != Version::HTTP_2;
+            let mut response = finish_local(conn, log, started, StatusCode::BAD_REQUEST, "bad request");
+            // Refused for its framing: hyper would go on reading the next request where that very
+            // framing says this one ends, so an HTTP/1 connection closes after the 400.
+            if http1 && rejection.is_framing() {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return response;
         }
     };
     log.authority = authority.clone();
@@ -206,9 +213,20 @@ async fn handle(conn: &Conn, mut request: Request<Incoming>) -> Response<ProxyBo
     let downstream_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
 
     let request_bytes = Arc::new(AtomicU64::new(0));
-    let request = request.map(|body| Metered::new(body, request_bytes.clone(), None).boxed_unsync());
+    let body_failed = Arc::new(AtomicBool::new(false));
+    let failed = body_failed.clone();
+    let on_request_end: OnEnd = Box::new(move |end| failed.store(end == End::Failed, Ordering::Relaxed));
+    let request =
+        request.map(|body| Metered::new(body, request_bytes.clone(), Some(on_request_end)).boxed_unsync());
     let mut response = match conn.upstream.send(request).await {
         Ok(response) => response,
+        Err(_) if body_failed.load(Ordering::Relaxed) => {
+            // The client's own body broke off the exchange (bad chunking, a reset stream, a
+            // content-length it did not keep): its protocol error (Envoy's DPE), not the app's.
+            log.flags = "DPE";
+            log.request_bytes = request_bytes.load(Ordering::Relaxed);
+            return finish_local(conn, log, started, StatusCode::BAD_REQUEST, "bad request");
+        }
         Err(e) => {
             tracing::debug!(error = %e, "request to the app failed");
             log.flags = e.flag();
@@ -422,5 +440,59 @@ mod tests {
         );
         assert!(logs[1].request_id.is_some(), "x-request-id added");
         assert_eq!(logs[0].verdict.as_ref().map(|v| v.allowed), Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_broken_request_body_is_the_clients_error_not_the_apps() {
+        let (seen, dials) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicU64::new(0)));
+        let hooks = Arc::new(Recorder::default());
+        let (mut client, proxy_side) = tokio::io::duplex(64 * 1024);
+        let upstream = Upstream::new(UpstreamVersion::Http1, None, app(seen.clone(), dials));
+        let settings = Settings { normalization: Normalization::Base, start_traceparent: true };
+        let served =
+            tokio::spawn(serve(proxy_side, UpstreamVersion::Http1, upstream, hooks.clone(), settings));
+        // The head is fine and goes to the app; the chunk size is not hex.
+        client
+            .write_all(
+                b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        let _ = served.await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+        let logs = hooks.logs.lock().unwrap();
+        let summary: Vec<(u16, &str)> = logs.iter().map(|l| (l.status, l.flags)).collect();
+        assert_eq!(summary, [(400, "DPE")], "a downstream protocol error, not UC");
+    }
+
+    #[tokio::test]
+    async fn a_request_refused_for_its_framing_closes_the_connection() {
+        let (seen, dials) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicU64::new(0)));
+        let hooks = Arc::new(Recorder::default());
+        let (mut client, proxy_side) = tokio::io::duplex(64 * 1024);
+        let upstream = Upstream::new(UpstreamVersion::Http1, None, app(seen.clone(), dials));
+        let settings = Settings { normalization: Normalization::Base, start_traceparent: true };
+        let served =
+            tokio::spawn(serve(proxy_side, UpstreamVersion::Http1, upstream, hooks.clone(), settings));
+        // hyper frames this body by its final `chunked`; the agent refuses the coding list, so what
+        // follows (a second request by hyper's reading) must never be read.
+        client
+            .write_all(
+                b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n\
+                  GET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        served.await.unwrap().unwrap();
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "one response, then the close: {out}");
+        assert!(out.starts_with("HTTP/1.1 400 ") && out.contains("connection: close\r\n"), "{out}");
+        assert!(seen.lock().unwrap().is_empty(), "nothing reached the app");
+        let logs = hooks.logs.lock().unwrap();
+        let summary: Vec<(u16, Option<&str>)> = logs.iter().map(|l| (l.status, l.rejection)).collect();
+        assert_eq!(summary, [(400, Some("transfer_encoding"))]);
     }
 }
