@@ -125,36 +125,29 @@ pub async fn serve<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let driver = upstream.driver();
     let conn = Arc::new(Conn { hooks, upstream, settings });
     let service = hyper::service::service_fn(move |request| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, request).await) }
     });
     let io = TokioIo::new(io);
-    let serving = async move {
-        match version {
-            UpstreamVersion::Http1 => {
-                hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(io, service)
-                    .with_upgrades()
-                    .await
-            }
-            UpstreamVersion::Http2 => {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-                    .serve_connection(io, service)
-                    .await
-            }
+    match version {
+        UpstreamVersion::Http1 => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
         }
-    };
-    // The app-side connections run on this task too, and end once the downstream one is done (its
-    // end drops the upstream, whose senders let them close).
-    let (served, ()) = tokio::join!(serving, driver.run());
-    served
+        UpstreamVersion::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .serve_connection(io, service)
+                .await
+        }
+    }
 }
 
 /// Handles one request from head to response head; the response body reports the request's end.

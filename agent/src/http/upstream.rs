@@ -3,13 +3,7 @@
 //! app sees of a connection (its peer address, its keep-alive) is one client's. It is dialled again
 //! when the app closes it between requests.
 
-use std::{
-    future::Future,
-    io,
-    pin::Pin,
-    sync::Arc,
-    task::{Poll, Waker},
-};
+use std::{future::Future, io, pin::Pin, sync::Arc};
 
 use hyper::{Request, Response, body::Incoming, client::conn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -82,85 +76,12 @@ pub struct Upstream {
     /// The connection dialled while the protocol was being detected, used first.
     first: std::sync::Mutex<Option<AppConn>>,
     sender: Mutex<Option<Sender>>,
-    driver: Arc<Driver>,
-}
-
-type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Drives the app-side connections on the downstream connection's own task rather than on tasks
-/// of their own: a request and its response then cross no task boundary on the way to and from
-/// the app, which saves a wake-up and a cross-thread hand-off per direction.
-#[derive(Default)]
-pub struct Driver {
-    state: std::sync::Mutex<DriverState>,
-}
-
-#[derive(Default)]
-struct DriverState {
-    conns: Vec<ConnFuture>,
-    waker: Option<Waker>,
-    /// The upstream is gone: once its connections end, so does [`Driver::run`].
-    closed: bool,
-}
-
-impl Driver {
-    fn lock(&self) -> std::sync::MutexGuard<'_, DriverState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn add(&self, conn: ConnFuture) {
-        let mut state = self.lock();
-        state.conns.push(conn);
-        if let Some(waker) = state.waker.take() {
-            waker.wake();
-        }
-    }
-
-    fn close(&self) {
-        let mut state = self.lock();
-        state.closed = true;
-        if let Some(waker) = state.waker.take() {
-            waker.wake();
-        }
-    }
-
-    /// Polls the connections until the upstream is dropped and every connection has ended.
-    pub async fn run(self: Arc<Self>) {
-        std::future::poll_fn(|cx| {
-            let mut state = self.lock();
-            state.conns.retain_mut(|conn| conn.as_mut().poll(cx).is_pending());
-            if state.closed && state.conns.is_empty() {
-                return Poll::Ready(());
-            }
-            state.waker = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.driver.close();
-    }
 }
 
 impl Upstream {
     /// An upstream speaking `version`, starting on `first` if given, dialling with `dial` after.
-    /// Its connections make progress only while [`Upstream::driver`]'s `run` is polled.
     pub fn new(version: Version, first: Option<AppConn>, dial: Dial) -> Self {
-        Self {
-            version,
-            dial,
-            first: std::sync::Mutex::new(first),
-            sender: Mutex::new(None),
-            driver: Arc::default(),
-        }
-    }
-
-    /// What drives this upstream's connections; run it beside the downstream connection.
-    pub fn driver(&self) -> Arc<Driver> {
-        self.driver.clone()
+        Self { version, dial, first: std::sync::Mutex::new(first), sender: Mutex::new(None) }
     }
 
     /// Sends one request and waits for the response head.
@@ -201,11 +122,11 @@ impl Upstream {
                     .handshake::<_, ProxyBody>(io)
                     .await
                     .map_err(handshake_failed)?;
-                self.driver.add(Box::pin(async move {
+                tokio::spawn(async move {
                     if let Err(e) = connection.with_upgrades().await {
                         tracing::debug!(error = %e, "app HTTP/1 connection ended");
                     }
-                }));
+                });
                 Ok(Sender::Http1(sender))
             }
             Version::Http2 => {
@@ -213,11 +134,11 @@ impl Upstream {
                     .handshake::<_, ProxyBody>(io)
                     .await
                     .map_err(handshake_failed)?;
-                self.driver.add(Box::pin(async move {
+                tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "app HTTP/2 connection ended");
                     }
-                }));
+                });
                 Ok(Sender::Http2(sender))
             }
         }
