@@ -74,7 +74,7 @@ impl NodeState {
                 }
                 Err(err) => {
                     for (_, (_, e)) in std::mem::take(&mut *enrolled) {
-                        e.unenroll(self.datapath.as_ref());
+                        e.unenroll();
                     }
                     return Err(ApplyError::Enroll(err));
                 }
@@ -117,7 +117,7 @@ impl NodeState {
             .collect();
         for key in stale {
             if let Some((_, e)) = enrolled.remove(&key) {
-                e.unenroll(self.datapath.as_ref());
+                e.unenroll();
                 if wanted.contains_key(&key) {
                     report.reenrolled.push(key);
                 } else {
@@ -145,7 +145,7 @@ impl NodeState {
     /// Unenrolls everything (detaching programs and closing listeners).
     pub async fn shutdown(&self) {
         for (_, (_, e)) in std::mem::take(&mut *self.enrolled.lock().await) {
-            e.unenroll(self.datapath.as_ref());
+            e.unenroll();
         }
     }
 

@@ -112,6 +112,20 @@ pub struct WorkloadView {
     /// The pod's cgroup directory.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// Every address whose inbound SYNs are steered to the proxy: the listed ones and any other
+    /// the pod's netns has (empty when not enrolled, or with iptables capture).
+    #[serde(default)]
+    pub steered_ips: Vec<IpAddr>,
+    /// Addresses of the pod's netns left unsteered, with why.
+    #[serde(default)]
+    pub unsteered: Vec<String>,
+    /// What the pod's app sees as its inbound clients' address: `client` (their real address) or
+    /// `loopback` (the proxy's).
+    #[serde(default)]
+    pub app_source: Option<String>,
+    /// Why the app sees loopback, when it does.
+    #[serde(default)]
+    pub app_source_note: Option<String>,
 }
 
 /// One element of `GET /services` (a JSON array).

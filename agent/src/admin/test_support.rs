@@ -72,6 +72,10 @@ impl AdminState for FakeState {
                 enrolled: true,
                 netns: Some("/var/run/netns/client".into()),
                 cgroup: None,
+                steered_ips: vec!["10.0.0.5".parse().expect("ip"), "10.0.0.99".parse().expect("ip")],
+                unsteered: vec![],
+                app_source: Some("client".into()),
+                app_source_note: None,
             },
             WorkloadView {
                 namespace: "default".into(),
@@ -83,6 +87,10 @@ impl AdminState for FakeState {
                 enrolled: false,
                 netns: None,
                 cgroup: None,
+                steered_ips: vec![],
+                unsteered: vec![],
+                app_source: None,
+                app_source_note: None,
             },
         ]
     }

@@ -2,21 +2,25 @@
 
 use std::{
     net::IpAddr,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash,
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps, links::FdLink},
 };
 use ferry_common::{CaptureConfig, PodAddr, PodCounters, maps, programs};
 
-use super::{OrigDstTable, PodAttachment, addr::pod_addr};
+use super::{OrigDstTable, PodAttachment, Steering, addr::pod_addr};
+
+/// The cgroup programs attached to every pod, in attach order.
+const CGROUP_SOCK_ADDR: [&str; 4] =
+    [programs::CONNECT4, programs::CONNECT6, programs::GETPEERNAME4, programs::GETPEERNAME6];
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-ebpf"));
@@ -82,7 +86,7 @@ pub struct CaptureParams {
 /// The loaded programs and the maps the agent uses.
 pub struct Datapath {
     ebpf: Ebpf,
-    inbound_listeners: SockHash<MapData, PodAddr>,
+    steering: Steering,
     counters: PerCpuArray<MapData, u64>,
     pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
     inbound_pod_counters: PerCpuHashMap<MapData, PodAddr, u64>,
@@ -96,7 +100,7 @@ impl Datapath {
     /// original-destination table for the proxy.
     pub fn load(params: &CaptureParams) -> Result<(Self, OrigDstTable), DatapathError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
-        for name in [programs::CONNECT4, programs::CONNECT6] {
+        for name in CGROUP_SOCK_ADDR {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DatapathError::Program { what: format!("loading {name}"), source })?;
@@ -111,11 +115,14 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { what: "loading sk_lookup".into(), source })?;
 
         let orig_dst = OrigDstTable::new(take_map(&mut ebpf, maps::ORIG_DST_BY_CONN)?);
-        let inbound_listeners = take_map(&mut ebpf, maps::INBOUND_LISTENERS)?;
+        let steering = Steering::new(
+            take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            take_map(&mut ebpf, maps::TUNNEL_LISTENERS)?,
+        );
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let pod_counters = take_map(&mut ebpf, maps::POD_COUNTERS)?;
         let inbound_pod_counters = take_map(&mut ebpf, maps::INBOUND_POD_COUNTERS)?;
-        let mut datapath = Self { ebpf, inbound_listeners, counters, pod_counters, inbound_pod_counters };
+        let mut datapath = Self { ebpf, steering, counters, pod_counters, inbound_pod_counters };
         datapath.configure(params)?;
         Ok((datapath, orig_dst))
     }
@@ -155,7 +162,8 @@ impl Datapath {
         cfg.set(0, value, 0).map_err(map_err("writing capture config"))
     }
 
-    /// Attaches connect4/6 and sock_ops to the pod's cgroup and sk_lookup to its netns, as bpf_links.
+    /// Attaches connect4/6, getpeername4/6 and sock_ops to the pod's cgroup and sk_lookup to its
+    /// netns, as bpf_links.
     /// Cgroup links always coexist with other programs on the same cgroup (the kernel treats link
     /// attachments as multi-attach and refuses the ALLOW_MULTI flag on them, hence `Single` here),
     /// so another agent's socket programs keep running. Dropping the result detaches them all.
@@ -166,7 +174,7 @@ impl Datapath {
         let cgroup_fd = open(cgroup)?;
         let netns_fd = open(netns)?;
         let mut att = PodAttachment::default();
-        for name in [programs::CONNECT4, programs::CONNECT6] {
+        for name in CGROUP_SOCK_ADDR {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let id = prog
                 .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
@@ -191,16 +199,9 @@ impl Datapath {
         Ok(att)
     }
 
-    /// Points sk_lookup for `ip` at a listening socket in the pod's netns.
-    pub fn set_inbound_listener(&mut self, ip: IpAddr, listener: &impl AsRawFd) -> Result<(), DatapathError> {
-        self.inbound_listeners.insert(pod_addr(ip), listener.as_raw_fd(), 0).map_err(|source| {
-            DatapathError::Map { what: format!("registering the inbound listener for {ip}"), source }
-        })
-    }
-
-    /// Stops steering SYNs for `ip`.
-    pub fn remove_inbound_listener(&mut self, ip: IpAddr) {
-        let _ = self.inbound_listeners.remove(&pod_addr(ip));
+    /// The sk_lookup tables, for enrollment and the pods' address watches.
+    pub fn steering(&self) -> Steering {
+        self.steering.clone()
     }
 
     /// Kernel program ids, by name, for reporting.

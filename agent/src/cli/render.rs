@@ -44,7 +44,8 @@ pub fn labelled(lines: &[(&str, String)]) -> String {
 
 /// `ferry workloads`.
 pub fn workloads(list: &[WorkloadView]) -> Table {
-    let mut t = Table::new(&["NAMESPACE", "NAME", "IP", "MODE", "IDENTITY", "PROGRAMS"]);
+    let mut t =
+        Table::new(&["NAMESPACE", "NAME", "IP", "STEERED", "APP SEES", "MODE", "IDENTITY", "PROGRAMS"]);
     for w in list {
         let programs: Vec<&str> = w.programs.iter().map(|p| p.strip_prefix("ferry_").unwrap_or(p)).collect();
         let programs = if w.enrolled || !programs.is_empty() {
@@ -56,6 +57,12 @@ pub fn workloads(list: &[WorkloadView]) -> Table {
             w.namespace.clone(),
             w.name.clone(),
             join_or_dash(&w.ips),
+            join_or_dash(&w.steered_ips),
+            match (&w.app_source, &w.app_source_note) {
+                (Some(source), Some(note)) => format!("{source} ({note})"),
+                (Some(source), None) => source.clone(),
+                _ => "-".to_owned(),
+            },
             w.mode.as_str().to_owned(),
             or_dash(w.identity.as_deref()),
             programs,

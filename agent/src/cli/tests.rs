@@ -39,13 +39,21 @@ async fn tables_for_each_command() {
     let lines: Vec<&str> = o.out.lines().collect();
     assert_eq!(
         lines[0],
-        "NAMESPACE   NAME     IP                 MODE         IDENTITY                                      PROGRAMS"
+        "NAMESPACE   NAME     IP                 STEERED              APP SEES   MODE         IDENTITY                                      PROGRAMS"
     );
     assert_eq!(
         lines[1],
-        format!("default     client   10.0.0.5           strict       {CLIENT_ID}   connect4,sk_lookup")
+        format!(
+            "default     client   10.0.0.5           10.0.0.5,10.0.0.99   client     strict       {CLIENT_ID}   connect4,sk_lookup"
+        )
     );
-    assert!(lines[2].starts_with("default     web-1    10.0.1.7,fd00::7   permissive   -"), "{}", o.out);
+    assert!(
+        lines[2].starts_with(
+            "default     web-1    10.0.1.7,fd00::7   -                    -          permissive   -"
+        ),
+        "{}",
+        o.out
+    );
     assert!(lines[2].ends_with("not enrolled"), "{}", o.out);
 
     let o = run(&["services"]).await;

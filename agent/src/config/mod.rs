@@ -101,6 +101,9 @@ pub struct CaptureSettings {
     pub inbound_port: u16,
     /// The in-pod HBONE (mTLS tunnel) listener on the pod IP.
     pub tunnel_port: u16,
+    /// Whether the agent's connection to an app carries the client's real address (transparent
+    /// inbound, eBPF capture only); `false` shows the app the proxy on loopback.
+    pub original_source: bool,
 }
 
 /// SVID lifetime when the file names none: 24 hours.
@@ -221,6 +224,7 @@ impl Default for CaptureSettings {
             outbound_port: 15001,
             inbound_port: 15006,
             tunnel_port: 15008,
+            original_source: true,
         }
     }
 }

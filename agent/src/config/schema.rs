@@ -63,6 +63,7 @@ pub(super) struct RawCapture {
     pub outbound_port: Option<i64>,
     pub inbound_port: Option<i64>,
     pub tunnel_port: Option<i64>,
+    pub original_source: Option<bool>,
 }
 
 /// One `[[pods]]` entry.

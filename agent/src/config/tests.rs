@@ -31,6 +31,7 @@ fn full_file_round_trip() {
             outbound_port: 16001,
             inbound_port: 16006,
             tunnel_port: 16008,
+            original_source: true,
         }
     );
     assert_eq!(

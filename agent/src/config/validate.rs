@@ -198,7 +198,22 @@ fn capture(raw: RawCapture) -> Result<CaptureSettings, ConfigError> {
         ("inbound_port", raw.inbound_port, defaults.inbound_port),
         ("tunnel_port", raw.tunnel_port, defaults.tunnel_port),
     ])?;
-    Ok(CaptureSettings { mode, exclude_ports, exclude_cidrs, outbound_port, inbound_port, tunnel_port })
+    // Transparent inbound needs the eBPF datapath's steering; with iptables REDIRECT the pod's
+    // conntrack would rewrite the replies, so asking for it there is refused, not ignored.
+    if mode == CaptureMode::Iptables && raw.original_source == Some(true) {
+        let msg = "needs mode = \"ebpf\": with iptables the app sees the proxy on loopback";
+        return Err(ConfigError::invalid("capture.original_source", msg));
+    }
+    let original_source = raw.original_source.unwrap_or(mode == CaptureMode::Ebpf);
+    Ok(CaptureSettings {
+        mode,
+        exclude_ports,
+        exclude_cidrs,
+        outbound_port,
+        inbound_port,
+        tunnel_port,
+        original_source,
+    })
 }
 
 /// The proxy's listener ports, given as (name, value, default): each valid and all distinct.

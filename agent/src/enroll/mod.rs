@@ -1,12 +1,17 @@
 //! Enrollment: putting one pod under the mesh, and taking it out again.
 //!
-//! Order matters. Listeners come first, then the sk_lookup table, then the program attachments, so
-//! capture never starts before there is something to capture to. Unenrollment runs the other way.
+//! Order matters. Listeners come first, then transparent inbound (the pod's reply routing), then
+//! the sk_lookup table (every address the pod's netns has, and those it gains while enrolled),
+//! then the program attachments, so capture never starts before there is something to capture to.
+//! Unenrollment runs the other way.
 //! With iptables capture there are no programs: the pod's REDIRECT rules already point at the
 //! listeners, and the inbound one binds the wildcard address because REDIRECT rewrites the
 //! destination to the pod's own address.
 
+pub mod addresses;
+pub mod netlink;
 pub mod netns;
+pub mod transparent;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -17,12 +22,13 @@ use std::{
 use tokio::task::JoinHandle;
 
 use crate::{
-    bpf::{Datapath, DatapathError, PodAttachment},
+    bpf::{Datapath, DatapathError, PodAttachment, PodListeners},
     config::{CaptureMode, Pod},
     proxy::{
         PodContext, ProxyShared, accept_loop, inbound, mtls::MtlsError, outbound, sockets::listen_in, tunnel,
     },
 };
+use addresses::{AddressWatch, Steered, WatchError};
 use netns::{NetnsError, PodNetns};
 
 /// Why a pod could not be enrolled.
@@ -63,6 +69,14 @@ pub enum EnrollError {
     /// No TLS configuration for the pod's identity.
     #[error("pod {0}: tunnel TLS")]
     Tls(String, #[source] crate::identity::StoreError),
+    /// The pod's addresses could not be watched or steered.
+    #[error("pod {pod}")]
+    Addresses {
+        /// "namespace/name".
+        pod: String,
+        /// The cause.
+        source: WatchError,
+    },
     /// Attaching programs or writing maps failed.
     #[error("pod {pod}")]
     Datapath {
@@ -83,7 +97,7 @@ pub struct Enrollment {
     /// The cgroup's id (its inode), as the kernel programs key per-pod counters (eBPF capture).
     pub cgroup_id: Option<u64>,
     attachment: Option<PodAttachment>,
-    inbound_ips: Vec<IpAddr>,
+    addresses: Option<AddressWatch>,
     tasks: Vec<JoinHandle<()>>,
     context: Arc<PodContext>,
 }
@@ -124,6 +138,29 @@ impl Enrollment {
             None => (None, None),
         };
         let ips: Vec<IpAddr> = pod.ips().collect();
+        // The app sees each client's real address unless this pod's netns cannot support it;
+        // then it sees the proxy on loopback, and `ferry workloads` says why.
+        let (transparency, source_note) = match (capture, shared.state().config.capture.original_source) {
+            (CaptureMode::Iptables, _) => {
+                (None, Some("iptables capture: the app sees the proxy on loopback".into()))
+            }
+            (_, false) => {
+                (None, Some("[capture] original_source = false: the app sees the proxy on loopback".into()))
+            }
+            (CaptureMode::Ebpf, true) => match shared.transparency.install(&netns) {
+                Ok(t) => (Some(t), None),
+                Err(e) => {
+                    let why = format!("{:#}", anyhow::Error::new(e));
+                    tracing::warn!(pod = %key, error = %why, "transparent inbound unavailable; the app sees the proxy on loopback");
+                    (
+                        None,
+                        Some(format!(
+                            "transparent inbound unavailable ({why}): the app sees the proxy on loopback"
+                        )),
+                    )
+                }
+            },
+        };
         let context = Arc::new(PodContext {
             key: key.clone(),
             name: pod.name.clone(),
@@ -132,6 +169,8 @@ impl Enrollment {
             identity,
             mode: pod.mode,
             ips: ips.clone(),
+            transparency,
+            source_note,
             shared,
         });
         let mut enrollment = Self {
@@ -139,7 +178,7 @@ impl Enrollment {
             cgroup: cgroup.clone(),
             cgroup_id,
             attachment: None,
-            inbound_ips: Vec::new(),
+            addresses: None,
             tasks: Vec::new(),
             context: context.clone(),
         };
@@ -169,29 +208,30 @@ impl Enrollment {
         let mut tunnels = Vec::new();
         if tls.is_some() {
             for ip in &ips {
-                tunnels.push(listen(SocketAddr::new(*ip, ports.tunnel)).await?);
+                tunnels.push((*ip, listen(SocketAddr::new(*ip, ports.tunnel)).await?));
             }
         }
 
         if let (Some(datapath), Some(cgroup)) = (datapath, &cgroup) {
+            let steering = datapath.lock().unwrap_or_else(|p| p.into_inner()).steering();
+            // SYNs for any address of the pod, listed or not, go to the listeners of its family.
+            let tunnel_of = |v4: bool| tunnels.iter().find(|(ip, _)| ip.is_ipv4() == v4).map(|(_, l)| l);
+            let listeners =
+                PodListeners::of(context.netns.cookie(), (&in4, &in6), (tunnel_of(true), tunnel_of(false)))
+                    .map_err(|source| EnrollError::Listen {
+                    pod: key.clone(),
+                    addr: SocketAddr::new(in4_ip, ports.inbound),
+                    source,
+                })?;
+            let watch = AddressWatch::start(&context.netns, steering, listeners, key.clone())
+                .await
+                .map_err(|source| EnrollError::Addresses { pod: key.clone(), source })?;
+            // Dropping the watch (on the error path) unsteers what it steered.
+            enrollment.addresses = Some(watch);
             let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
-            let attached = (|| {
-                for ip in pod.ips() {
-                    let listener = if ip.is_ipv4() { &in4 } else { &in6 };
-                    dp.set_inbound_listener(ip, listener)?;
-                    enrollment.inbound_ips.push(ip);
-                }
-                dp.attach_pod(cgroup, &netns_path)
-            })();
-            match attached {
+            match dp.attach_pod(cgroup, &netns_path) {
                 Ok(attachment) => enrollment.attachment = Some(attachment),
-                Err(source) => {
-                    // Leave nothing behind for a pod that did not make it.
-                    for ip in enrollment.inbound_ips.drain(..) {
-                        dp.remove_inbound_listener(ip);
-                    }
-                    return Err(EnrollError::Datapath { pod: key.clone(), source });
-                }
+                Err(source) => return Err(EnrollError::Datapath { pod: key.clone(), source }),
             }
         }
         for listener in [out4, out6] {
@@ -201,7 +241,7 @@ impl Enrollment {
             enrollment.tasks.push(tokio::spawn(accept_loop(listener, context.clone(), inbound::handle)));
         }
         if let Some(tls) = tls {
-            for listener in tunnels {
+            for (_, listener) in tunnels {
                 let tls = tls.clone();
                 let handle = move |tcp, peer, pod| tunnel::handle(tcp, peer, pod, tls.clone());
                 enrollment.tasks.push(tokio::spawn(accept_loop(listener, context.clone(), handle)));
@@ -216,9 +256,14 @@ impl Enrollment {
         self.attachment.as_ref().map(|a| a.link_ids()).unwrap_or_default()
     }
 
-    /// The pod's addresses registered for inbound steering.
-    pub fn inbound_ips(&self) -> &[IpAddr] {
-        &self.inbound_ips
+    /// The addresses steered to the pod right now (listed or not), and any left unsteered.
+    pub fn steered(&self) -> Steered {
+        self.addresses.as_ref().map(AddressWatch::steered).unwrap_or_default()
+    }
+
+    /// Whether the pod's app sees its clients' real addresses; otherwise why not.
+    pub fn source_note(&self) -> Option<&str> {
+        self.context.source_note.as_deref()
     }
 
     /// The pod's netns cookie.
@@ -226,15 +271,12 @@ impl Enrollment {
         self.context.netns.cookie()
     }
 
-    /// Detaches the programs, removes the sk_lookup entries and closes the listeners. Connections
-    /// already being relayed run to completion on their own tasks.
-    pub fn unenroll(mut self, datapath: Option<&Mutex<Datapath>>) {
+    /// Detaches the programs, stops steering the pod's addresses and closes the listeners.
+    /// Connections already being relayed run to completion on their own tasks (and keep the pod's
+    /// transparent-inbound routing until the last of them ends).
+    pub fn unenroll(mut self) {
         self.attachment = None;
-        let Some(datapath) = datapath else { return };
-        let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
-        for ip in self.inbound_ips.drain(..) {
-            dp.remove_inbound_listener(ip);
-        }
+        self.addresses = None;
     }
 }
 

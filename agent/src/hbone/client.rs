@@ -159,8 +159,9 @@ pub struct HbonePool {
 struct PoolInner {
     identities: Arc<IdentityStore>,
     settings: PoolSettings,
-    /// Source identity, then tunnel address: looked up by reference, so a reuse allocates no key.
-    slots: Mutex<HashMap<SpiffeId, HashMap<SocketAddr, Arc<Slot>>>>,
+    /// Source identity, then (source pod, tunnel address): looked up by reference, so a reuse
+    /// allocates no key.
+    slots: Mutex<HashMap<SpiffeId, HashMap<Route, Arc<Slot>>>>,
     connections_opened: AtomicU64,
     streams_opened: AtomicU64,
 }
@@ -168,11 +169,31 @@ struct PoolInner {
 /// The current connection of one key; its lock is held while deciding to reuse or open one.
 type Slot = tokio::sync::Mutex<Option<PooledConn>>;
 
+/// Where a tunnelled connection comes from. Each source pod dials its own tunnels from its own
+/// netns, so the destination sees the address the pod really has, and two pods sharing a service
+/// account never share a connection (one would appear with the other's address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// The source pod's netns cookie.
+    pub netns: u64,
+    /// The source app's port, told to the destination in `Forwarded` (0: not told).
+    pub port: u16,
+}
+
+/// The pool key under the source identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Route {
+    netns: u64,
+    tunnel: SocketAddr,
+}
+
 #[derive(Debug)]
 struct PooledConn {
     send: SendRequest<Bytes>,
     /// The server identity verified during the handshake.
     peer: SpiffeId,
+    /// The tunnel socket's own address: the source IP the destination sees.
+    local: Option<std::net::IpAddr>,
     shared: Arc<ConnShared>,
 }
 
@@ -270,6 +291,7 @@ impl HbonePool {
     pub async fn connect<D, F>(
         &self,
         src: &SpiffeId,
+        origin: Origin,
         tunnel: SocketAddr,
         authority: SocketAddr,
         protocol: Option<AppProtocol>,
@@ -280,7 +302,8 @@ impl HbonePool {
         D: FnOnce(SocketAddr) -> F,
         F: Future<Output = io::Result<TcpStream>>,
     {
-        let slot = self.slot(src, tunnel);
+        let route = Route { netns: origin.netns, tunnel };
+        let slot = self.slot(src, route);
         let mut dial = Some(dial);
         loop {
             let (response, send_stream, lease, peer, fresh) = {
@@ -293,7 +316,7 @@ impl HbonePool {
                         dial = unused;
                         (conn, lease, false)
                     }
-                    (existing, _, Some(dial)) => match self.open(src, tunnel, allowed_peers, dial).await {
+                    (existing, _, Some(dial)) => match self.open(src, route, allowed_peers, dial).await {
                         Ok(mut conn) => match conn.try_lease(allowed_peers) {
                             Some(lease) => (conn, lease, true),
                             None => {
@@ -314,7 +337,9 @@ impl HbonePool {
                         return Err(ConnectError::Request { tunnel, authority, source });
                     }
                 };
-                let request = connect_request(authority, protocol)
+                let source =
+                    conn.local.filter(|_| origin.port != 0).map(|ip| SocketAddr::new(ip, origin.port));
+                let request = connect_request(authority, protocol, source)
                     .map_err(|source| ConnectError::Authority { authority, source })?;
                 match conn.send.send_request(request, false) {
                     Ok((response, send_stream)) => {
@@ -350,19 +375,19 @@ impl HbonePool {
         }
     }
 
-    fn slot(&self, src: &SpiffeId, tunnel: SocketAddr) -> Arc<Slot> {
+    fn slot(&self, src: &SpiffeId, route: Route) -> Arc<Slot> {
         let mut slots = self.inner.lock_slots();
-        if let Some(slot) = slots.get(src).and_then(|by_tunnel| by_tunnel.get(&tunnel)) {
+        if let Some(slot) = slots.get(src).and_then(|by_route| by_route.get(&route)) {
             return slot.clone();
         }
-        slots.entry(src.clone()).or_default().entry(tunnel).or_default().clone()
+        slots.entry(src.clone()).or_default().entry(route).or_default().clone()
     }
 
     /// Dials, handshakes TLS then HTTP/2, and starts the connection's driver task.
     async fn open<D, F>(
         &self,
         src: &SpiffeId,
-        tunnel: SocketAddr,
+        route: Route,
         allowed_peers: &[SpiffeId],
         dial: D,
     ) -> Result<PooledConn, ConnectError>
@@ -375,9 +400,11 @@ impl HbonePool {
             .identities
             .client_config_for(src, allowed_peers.iter().cloned())
             .map_err(|source| ConnectError::Identity { src: src.clone(), source })?;
+        let tunnel = route.tunnel;
         let handshakes = async {
             let tcp = dial(tunnel).await.map_err(|source| ConnectError::Dial { tunnel, source })?;
             tcp.set_nodelay(true).map_err(|source| ConnectError::Dial { tunnel, source })?;
+            let local = tcp.local_addr().ok().map(|a| a.ip());
             // The SPIFFE verifier ignores the name; an IP name also keeps SNI off the wire.
             let name = ServerName::IpAddress(tunnel.ip().into());
             let tls = TlsConnector::from(Arc::new(config))
@@ -395,10 +422,10 @@ impl HbonePool {
                 .handshake(tls)
                 .await
                 .map_err(|source| ConnectError::Http2 { tunnel, source })?;
-            Ok((send, connection, peer))
+            Ok((send, connection, peer, local))
         };
         let timeout = self.inner.settings.connect_timeout;
-        let (send, connection, peer) = tokio::time::timeout(timeout, handshakes)
+        let (send, connection, peer, local) = tokio::time::timeout(timeout, handshakes)
             .await
             .map_err(|_| ConnectError::Timeout { tunnel, timeout })??;
         self.inner.connections_opened.fetch_add(1, Ordering::Relaxed);
@@ -407,29 +434,36 @@ impl HbonePool {
         let driver = Driver {
             pool: Arc::downgrade(&self.inner),
             src: src.clone(),
-            tunnel,
+            route,
             shared: shared.clone(),
             idle_timeout: self.inner.settings.idle_timeout,
         };
         tokio::spawn(driver.run(connection));
-        Ok(PooledConn { send, peer, shared })
+        Ok(PooledConn { send, peer, local, shared })
     }
 }
 
 impl PoolInner {
-    fn lock_slots(&self) -> MutexGuard<'_, HashMap<SpiffeId, HashMap<SocketAddr, Arc<Slot>>>> {
+    fn lock_slots(&self) -> MutexGuard<'_, HashMap<SpiffeId, HashMap<Route, Arc<Slot>>>> {
         // The map stays consistent even if a holder panicked: every update is a single call.
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// The authority-form CONNECT request for `authority`.
+/// The authority-form CONNECT request for `authority`, saying where the app connected from when
+/// `source` is known.
 fn connect_request(
     authority: SocketAddr,
     protocol: Option<AppProtocol>,
+    source: Option<SocketAddr>,
 ) -> Result<Request<()>, http::uri::InvalidUri> {
     let mut request = Request::new(());
     *request.method_mut() = Method::CONNECT;
+    if let Some(source) = source
+        && let Ok(value) = http::HeaderValue::try_from(super::server::forwarded_value(source))
+    {
+        request.headers_mut().insert(http::header::FORWARDED, value);
+    }
     if let Some(protocol) = protocol {
         request
             .headers_mut()
@@ -449,7 +483,7 @@ fn retryable(e: &h2::Error) -> bool {
 struct Driver {
     pool: Weak<PoolInner>,
     src: SpiffeId,
-    tunnel: SocketAddr,
+    route: Route,
     shared: Arc<ConnShared>,
     idle_timeout: Duration,
 }
@@ -478,7 +512,7 @@ impl Driver {
             }
         };
         self.shared.close();
-        tracing::debug!(src = %self.src, tunnel = %self.tunnel, ?outcome, "HBONE connection closed");
+        tracing::debug!(src = %self.src, tunnel = %self.route.tunnel, ?outcome, "HBONE connection closed");
         self.evict();
     }
 
@@ -487,14 +521,14 @@ impl Driver {
     fn evict(&self) {
         let Some(pool) = self.pool.upgrade() else { return };
         let mut slots = pool.lock_slots();
-        let Some(by_tunnel) = slots.get_mut(&self.src) else { return };
-        let stale = by_tunnel.get(&self.tunnel).is_some_and(|slot| {
+        let Some(by_route) = slots.get_mut(&self.src) else { return };
+        let stale = by_route.get(&self.route).is_some_and(|slot| {
             slot.try_lock().is_ok_and(|c| c.as_ref().is_none_or(|c| Arc::ptr_eq(&c.shared, &self.shared)))
         });
         if stale {
-            by_tunnel.remove(&self.tunnel);
+            by_route.remove(&self.route);
         }
-        if by_tunnel.is_empty() {
+        if by_route.is_empty() {
             slots.remove(&self.src);
         }
     }
@@ -518,7 +552,7 @@ mod tests {
 
     /// A server that accepts every CONNECT and keeps the tunnel until the client ends it.
     async fn holding_server(mesh: &Mesh) -> super::super::test_support::TestServer {
-        start_server(mesh.server_config(), |_, _, _| async {
+        start_server(mesh.server_config(), |_| async {
             Ok(|mut s: HboneStream| async move {
                 let mut sink = Vec::new();
                 let _ = s.read_to_end(&mut sink).await;
@@ -634,7 +668,7 @@ mod tests {
         let imposter_config = Arc::new(mesh.store.server_config_for(&mesh.imposter).unwrap());
         let server = {
             let handled = handled.clone();
-            start_server(imposter_config, move |_, _, _| {
+            start_server(imposter_config, move |_| {
                 handled.fetch_add(1, Ordering::SeqCst);
                 async { Ok(|s: HboneStream| async move { drop(s) }) }
             })

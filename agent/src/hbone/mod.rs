@@ -1,6 +1,6 @@
 //! HBONE, the tunnel between node proxies: HTTP/2 CONNECT over mutual TLS 1.3 to the destination
 //! pod's port 15008, with `:authority` = the original destination. Many app connections share one
-//! pooled TLS connection per (source identity, tunnel address) as HTTP/2 streams.
+//! pooled TLS connection per (source identity, source pod, tunnel address) as HTTP/2 streams.
 //!
 //! [`client::HbonePool`] opens tunnels, [`server::serve`] answers them, and [`HboneStream`] is one
 //! tunnel as a tokio byte stream for the proxy's relay. Identities and TLS configurations come from
@@ -13,8 +13,8 @@ pub mod stream;
 #[cfg(test)]
 mod test_support;
 
-pub use client::{ConnectError, HbonePool, PoolSettings};
-pub use server::{Refusal, ServeError, serve};
+pub use client::{ConnectError, HbonePool, Origin, PoolSettings};
+pub use server::{Connect, Refusal, ServeError, serve};
 pub use stream::HboneStream;
 
 /// The port HBONE listens on in every enrolled pod.

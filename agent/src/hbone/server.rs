@@ -123,9 +123,23 @@ pub enum ServeError {
     },
 }
 
+/// What one CONNECT asks for, as the handler sees it.
+#[derive(Clone, Debug)]
+pub struct Connect {
+    /// The target, `ip:port`.
+    pub target: SocketAddr,
+    /// The client's verified identity.
+    pub peer: SpiffeId,
+    /// The protocol the client declared for the target, if any.
+    pub protocol: Option<AppProtocol>,
+    /// The source address the client says its app connected from (`Forwarded: for=`); the
+    /// handler decides whether to believe it.
+    pub forwarded_for: Option<SocketAddr>,
+}
+
 /// Serves one accepted HBONE connection until the client closes it. For each CONNECT, `handler`
-/// gets the target, the client's identity and the protocol the client declared for the target and either refuses (the refusal's status is sent) or
-/// returns a relay, which receives the tunnel after the 200 is sent. Streams run concurrently, one
+/// gets the [`Connect`] and either refuses (the refusal's status is sent) or returns a relay, which
+/// receives the tunnel after the 200 is sent. Streams run concurrently, one
 /// task each.
 pub async fn serve<H, F, R, RF>(
     config: Arc<rustls::ServerConfig>,
@@ -133,7 +147,7 @@ pub async fn serve<H, F, R, RF>(
     handler: H,
 ) -> Result<(), ServeError>
 where
-    H: Fn(SocketAddr, SpiffeId, Option<AppProtocol>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Connect) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<R, Refusal>> + Send + 'static,
     R: FnOnce(HboneStream) -> RF + Send + 'static,
     RF: Future<Output = ()> + Send + 'static,
@@ -185,7 +199,7 @@ async fn serve_stream<H, F, R, RF>(
     peer: SpiffeId,
     handler: H,
 ) where
-    H: Fn(SocketAddr, SpiffeId, Option<AppProtocol>) -> F,
+    H: Fn(Connect) -> F,
     F: Future<Output = Result<R, Refusal>>,
     R: FnOnce(HboneStream) -> RF,
     RF: Future<Output = ()>,
@@ -202,7 +216,10 @@ async fn serve_stream<H, F, R, RF>(
         .get(super::PROTOCOL_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(AppProtocol::parse);
-    let relay = match handler(authority, peer.clone(), protocol).await {
+    let forwarded_for =
+        request.headers().get(http::header::FORWARDED).and_then(|v| v.to_str().ok()).and_then(forwarded_for);
+    let connect = Connect { target: authority, peer: peer.clone(), protocol, forwarded_for };
+    let relay = match handler(connect).await {
         Ok(relay) => relay,
         Err(refusal) => {
             let (status, reason) = (refusal.status, &refusal.reason);
@@ -231,6 +248,25 @@ fn target(request: &Request<RecvStream>) -> Option<SocketAddr> {
     (addr.port() != 0).then_some(addr)
 }
 
+/// The `for=` address of a `Forwarded` header (RFC 7239) that names an `ip:port`, as the HBONE
+/// client writes it: `for="10.0.0.1:40000"` or `for="[fd00::1]:40000"`. Anything else is `None`.
+pub fn forwarded_for(value: &str) -> Option<SocketAddr> {
+    // Only the first element: the one closest to the app.
+    let element = value.split(',').next()?;
+    element.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        if !key.eq_ignore_ascii_case("for") {
+            return None;
+        }
+        value.trim().trim_matches('"').parse().ok()
+    })
+}
+
+/// The `Forwarded` value naming `source`, as [`forwarded_for`] reads it.
+pub fn forwarded_value(source: SocketAddr) -> String {
+    format!("for=\"{source}\"")
+}
+
 fn status_response(status: StatusCode) -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = status;
@@ -250,6 +286,26 @@ mod tests {
     use http::HeaderValue;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn forwarded_for_reads_the_first_element_and_refuses_the_rest() {
+        let v4: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let v6: SocketAddr = "[fd00::1]:40000".parse().unwrap();
+        for (value, want) in [
+            (forwarded_value(v4), Some(v4)),
+            (forwarded_value(v6), Some(v6)),
+            ("For=\"10.0.0.1:40000\";proto=http".into(), Some(v4)),
+            ("proto=http; for=\"[fd00::1]:40000\", for=\"10.9.9.9:1\"".into(), Some(v6)),
+            ("for=10.0.0.1".into(), None),
+            ("for=\"_hidden\"".into(), None),
+            ("for=unknown".into(), None),
+            ("by=\"10.0.0.1:40000\"".into(), None),
+            ("".into(), None),
+            ("for=\"[fd00::1]\"".into(), None),
+        ] {
+            assert_eq!(forwarded_for(&value), want, "{value}");
+        }
+    }
     use tokio::sync::Barrier;
 
     use super::super::test_support::{Mesh, TestServer, start_server};
@@ -259,7 +315,7 @@ mod tests {
     async fn counting_server(mesh: &Mesh) -> (TestServer, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         let counter = calls.clone();
-        let server = start_server(mesh.server_config(), move |_, _, _| {
+        let server = start_server(mesh.server_config(), move |_| {
             counter.fetch_add(1, Ordering::SeqCst);
             async {
                 Ok(|mut s: HboneStream| async move {
@@ -325,7 +381,7 @@ mod tests {
         let mesh = Mesh::new();
         // Each handler call waits for the other: handling them one at a time would never finish.
         let both_deciding = Arc::new(Barrier::new(2));
-        let server = start_server(mesh.server_config(), move |_, _, _| {
+        let server = start_server(mesh.server_config(), move |_| {
             let both_deciding = both_deciding.clone();
             async move {
                 both_deciding.wait().await;
@@ -357,7 +413,7 @@ mod tests {
             tcp
         });
         let (tcp, _) = listener.accept().await.unwrap();
-        let never = |_, _, _| async { Ok(|s: HboneStream| async move { drop(s) }) };
+        let never = |_| async { Ok(|s: HboneStream| async move { drop(s) }) };
         let err = serve(mesh.server_config(), tcp, never).await.unwrap_err();
         assert!(matches!(err, ServeError::Tls { .. }), "{err}");
         drop(client);

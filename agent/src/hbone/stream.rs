@@ -207,7 +207,7 @@ mod tests {
         const LEN: usize = 32 * MIB;
         let mesh = Mesh::new();
         let (to_test, mut server_streams) = mpsc::unbounded_channel();
-        let server = start_server(mesh.server_config(), move |_, _, _| {
+        let server = start_server(mesh.server_config(), move |_| {
             let to_test = to_test.clone();
             async move { Ok(move |s: HboneStream| async move { to_test.send(s).unwrap() }) }
         })
@@ -256,7 +256,7 @@ mod tests {
     #[tokio::test]
     async fn a_reset_stream_is_an_io_error_on_both_halves() {
         let mesh = Mesh::new();
-        let server = start_server(mesh.server_config(), |_, _, _| async {
+        let server = start_server(mesh.server_config(), |_| async {
             // Drop the stream straight away without ending it: h2 resets it.
             Ok(|s: HboneStream| async move { drop(s) })
         })
@@ -274,7 +274,7 @@ mod tests {
     async fn writes_after_shutdown_fail_and_shutdown_is_idempotent() {
         let mesh = Mesh::new();
         // The far side reads to EOF, then ends its own half.
-        let server = start_server(mesh.server_config(), |_, _, _| async {
+        let server = start_server(mesh.server_config(), |_| async {
             Ok(|mut s: HboneStream| async move {
                 let mut got = Vec::new();
                 s.read_to_end(&mut got).await.unwrap();

@@ -109,7 +109,7 @@ impl Drop for TestServer {
 /// Starts an HBONE server with `handler` on a loopback port.
 pub async fn start_server<H, F, R, RF>(config: Arc<ServerConfig>, handler: H) -> TestServer
 where
-    H: Fn(SocketAddr, SpiffeId, Option<AppProtocol>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(super::server::Connect) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<R, Refusal>> + Send + 'static,
     R: FnOnce(HboneStream) -> RF + Send + 'static,
     RF: Future<Output = ()> + Send + 'static,
@@ -138,7 +138,7 @@ where
 
 /// A server that refuses every CONNECT with `refusal`.
 pub async fn refusing_server(mesh: &Mesh, refusal: Refusal) -> TestServer {
-    start_server(mesh.server_config(), move |_, _, _| {
+    start_server(mesh.server_config(), move |_| {
         std::future::ready(Err::<fn(HboneStream) -> std::future::Ready<()>, _>(refusal.clone()))
     })
     .await
@@ -165,7 +165,8 @@ pub async fn relaying_server(
     config: Arc<ServerConfig>,
 ) -> (TestServer, tokio::sync::mpsc::UnboundedReceiver<RelayReport>) {
     let (reports, received) = tokio::sync::mpsc::unbounded_channel();
-    let server = start_server(config, move |target, peer, _| {
+    let server = start_server(config, move |connect: super::server::Connect| {
+        let (target, peer) = (connect.target, connect.peer);
         let reports = reports.clone();
         async move {
             let mut upstream =
@@ -225,7 +226,15 @@ pub async fn tunnel_to(
     target: SocketAddr,
 ) -> Result<(HboneStream, SpiffeId), ConnectError> {
     let allowed = [mesh.server.clone()];
-    let connect = pool.connect(&mesh.client, server.addr, target, None, &allowed, TcpStream::connect);
+    let connect = pool.connect(
+        &mesh.client,
+        super::Origin { netns: 1, port: 0 },
+        server.addr,
+        target,
+        None,
+        &allowed,
+        TcpStream::connect,
+    );
     tokio::time::timeout(Duration::from_secs(10), connect).await.expect("HBONE connect timed out")
 }
 

@@ -50,7 +50,7 @@ impl Introspect {
                     pod: key.clone(),
                     value: e.cgroup_id.map_or(0, |id| dp.pod_outbound_redirects(id)),
                 });
-                let inbound = e.inbound_ips().iter().map(|ip| dp.inbound_steers(*ip)).sum();
+                let inbound = e.steered().ips.iter().map(|ip| dp.inbound_steers(*ip)).sum();
                 rows.push(BpfRedirects {
                     direction: RedirectDirection::Inbound,
                     pod: key.clone(),
@@ -111,6 +111,19 @@ impl AdminState for Introspect {
                         enrolled: e.is_some(),
                         netns: pod.netns.as_ref().map(|p| p.display().to_string()),
                         cgroup: pod.cgroup.as_ref().map(|p| p.display().to_string()),
+                        steered_ips: e.map(|e| e.steered().ips.into_iter().collect()).unwrap_or_default(),
+                        unsteered: e
+                            .map(|e| {
+                                e.steered()
+                                    .refused
+                                    .into_iter()
+                                    .map(|(ip, why)| format!("{ip}: {why}"))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        app_source: e
+                            .map(|e| if e.source_note().is_none() { "client" } else { "loopback" }.into()),
+                        app_source_note: e.and_then(|e| e.source_note().map(str::to_owned)),
                     }
                 })
                 .collect()
@@ -212,6 +225,8 @@ impl AdminState for Introspect {
                     "ferry_connect4" => "cgroup/connect4",
                     "ferry_connect6" => "cgroup/connect6",
                     "ferry_sockops" => "sockops",
+                    "ferry_getpeername4" => "cgroup/getpeername4",
+                    "ferry_getpeername6" => "cgroup/getpeername6",
                     _ => "sk_lookup",
                 };
                 BpfProgramView { name, id, kind: Some(kind.to_owned()) }
@@ -224,6 +239,9 @@ impl AdminState for Introspect {
             "tuple_recorded",
             "inbound_steered",
             "inbound_no_listener",
+            "tunnel_steered",
+            "tunnel_no_listener",
+            "peer_rewritten",
         ];
         drop(dp);
         let pods = self.node.with_enrolled_blocking(|enrolled| {
@@ -255,7 +273,7 @@ impl AdminState for Introspect {
                 name: ferry_common::maps::INBOUND_LISTENERS.to_owned(),
                 entries: self
                     .node
-                    .with_enrolled_blocking(|e| e.values().map(|(_, e)| e.inbound_ips().len() as u64).sum()),
+                    .with_enrolled_blocking(|e| e.values().map(|(_, e)| e.steered().ips.len() as u64).sum()),
                 max_entries: Some(4096),
             }],
             pods,

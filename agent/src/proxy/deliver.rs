@@ -70,14 +70,16 @@ pub(super) fn dial_early(shared: &ProxyShared, meta: &ConnMeta) -> bool {
 
 /// Relays or serves `down` to the app for `meta` (already authorized, its subject recorded);
 /// `app` is the app connection when it was dialled early ([`dial_early`]). `declared` is the
-/// port's protocol when known. Returns how it ended, or `None` when the connection was refused or
-/// failed after detection (recorded as such).
+/// port's protocol when known; `source` is the address the app should see its client at, with
+/// transparent inbound. Returns how it ended, or `None` when the connection was refused or failed
+/// after detection (recorded as such).
 pub(super) async fn deliver<D>(
     pod: &Arc<PodContext>,
     mut meta: ConnMeta,
     mut down: D,
     app: Option<TcpStream>,
     declared: Option<AppProtocol>,
+    source: Option<SocketAddr>,
 ) -> Option<Delivered>
 where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -114,7 +116,7 @@ where
                     return None;
                 }
             }
-            let mut app = dialled(pod, &meta, app).await?;
+            let mut app = dialled(pod, &meta, app, source).await?;
             let conn = shared.open_conn(meta);
             let reason = conn.relay(&mut down, &mut app, conn.stats()).await;
             let bytes = totals(conn.stats());
@@ -124,7 +126,7 @@ where
         Detected::Http1 => Version::Http1,
         Detected::Http2 => Version::Http2,
     };
-    let app = dialled(pod, &meta, app).await?;
+    let app = dialled(pod, &meta, app, source).await?;
     meta.protocol = if version == Version::Http1 { Carried::Http1 } else { Carried::Http2 };
     meta.labels.request_protocol = RequestProtocol::Http;
     let conn = shared.open_conn(meta);
@@ -143,7 +145,7 @@ where
     let target = conn.meta().original_dst;
     let dial: Dial = Arc::new(move || {
         let pod = dial_pod.clone();
-        Box::pin(async move { Ok(Box::new(connect_to_app(&pod, target).await?) as AppConn) })
+        Box::pin(async move { Ok(Box::new(connect_to_app(&pod, target, source).await?) as AppConn) })
     });
     let upstream = Upstream::new(version, Some(Box::new(app)), dial);
     let settings = Settings {
@@ -164,11 +166,16 @@ where
 }
 
 /// The app connection: the one dialled early, or a new one; `None` (recorded) when it fails.
-async fn dialled(pod: &PodContext, meta: &ConnMeta, app: Option<TcpStream>) -> Option<TcpStream> {
+async fn dialled(
+    pod: &PodContext,
+    meta: &ConnMeta,
+    app: Option<TcpStream>,
+    source: Option<SocketAddr>,
+) -> Option<TcpStream> {
     if let Some(app) = app {
         return Some(app);
     }
-    match connect_to_app(pod, meta.original_dst).await {
+    match connect_to_app(pod, meta.original_dst, source).await {
         Ok(app) => Some(app),
         Err(e) => {
             pod.shared.reject_conn(meta, "conn_failed", &e.to_string());

@@ -1,6 +1,7 @@
 //! The inbound plaintext path: a SYN from outside the pod, steered by sk_lookup (or redirected by
-//! iptables) to the in-pod inbound listener, is handed to the app over loopback with its
-//! destination port preserved. STRICT pods refuse it.
+//! iptables) to the in-pod inbound listener, is handed to the app at the address the client dialled,
+//! from the client's own address (transparent inbound; the client's port stays with the client's
+//! own connection, which holds that 4-tuple in this netns). STRICT pods refuse it.
 
 use std::{
     io,
@@ -10,7 +11,13 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PodContext, authorize::AuthzSubject, conns::ConnMeta, deliver, sockets::connect_from};
+use super::{
+    PodContext,
+    authorize::AuthzSubject,
+    conns::ConnMeta,
+    deliver,
+    sockets::{connect_from, connect_transparent},
+};
 use crate::{
     admin::model::Direction,
     config::{AppProtocol, Mode},
@@ -89,8 +96,10 @@ pub async fn handle(down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         shared.reject_conn(&meta, "conn_refused", &denied);
         return;
     }
+    // The client's port is taken in this netns by its own connection to `orig`: only its address.
+    let source = Some(SocketAddr::new(peer.ip(), 0));
     let up = if deliver::dial_early(shared, &meta) {
-        match connect_to_app(&pod, orig).await {
+        match connect_to_app(&pod, orig, source).await {
             Ok(up) => Some(up),
             Err(e) => {
                 shared.reject_conn(&meta, "conn_failed", &e.to_string());
@@ -100,12 +109,27 @@ pub async fn handle(down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     } else {
         None
     };
-    deliver::deliver(&pod, meta, down, up, declared).await;
+    deliver::deliver(&pod, meta, down, up, declared, source).await;
 }
 
-/// Connects to the app on loopback of the same family; an app listening on only the other family's
-/// wildcard is tried next.
-pub(super) async fn connect_to_app(pod: &PodContext, orig: SocketAddr) -> io::Result<TcpStream> {
+/// Connects to the app for a connection to `orig` from `source`. With transparent inbound in the
+/// pod, at `orig` itself from `source`, so the app sees the client's address as its peer and the
+/// dialled address as its own. Otherwise (or when the app does not listen on `orig`, say only on
+/// loopback or on the other family's wildcard) on loopback, where the app sees the proxy.
+pub(super) async fn connect_to_app(
+    pod: &PodContext,
+    orig: SocketAddr,
+    source: Option<SocketAddr>,
+) -> io::Result<TcpStream> {
+    if let Some(source) = source.filter(|s| pod.transparency.is_some() && s.is_ipv4() == orig.is_ipv4()) {
+        match connect_transparent(&pod.netns, source, orig).await {
+            Ok(app) => return Ok(app),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::debug!(pod = %pod.key, %orig, "app not listening on the dialled address; trying loopback");
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let (first, second) = match orig.ip() {
         IpAddr::V4(_) => (IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)),
         IpAddr::V6(_) => (IpAddr::V6(Ipv6Addr::LOCALHOST), IpAddr::V4(Ipv4Addr::LOCALHOST)),

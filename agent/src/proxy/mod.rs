@@ -28,7 +28,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     config::{MeshConfig, Mode},
-    enroll::netns::PodNetns,
+    enroll::{
+        netns::PodNetns,
+        transparent::{Transparency, TransparencyRegistry},
+    },
     events::EventSink,
     identity::SpiffeId,
     metrics::Metrics,
@@ -105,6 +108,8 @@ pub struct ProxyShared {
     pub metrics: Arc<Metrics>,
     /// Connections being relayed.
     pub conns: ConnTable,
+    /// Pod netns with transparent inbound installed.
+    pub transparency: TransparencyRegistry,
     state: RwLock<Arc<MeshState>>,
     /// Enrolled pods by key, for the node-local shortcut. Weak: each context holds this struct.
     local_pods: RwLock<HashMap<String, Weak<PodContext>>>,
@@ -126,6 +131,7 @@ impl ProxyShared {
             access_log: sinks.access_log,
             metrics: sinks.metrics,
             conns: ConnTable::default(),
+            transparency: TransparencyRegistry::default(),
             ports,
             mtls,
             state: RwLock::new(Arc::new(state)),
@@ -194,6 +200,11 @@ pub struct PodContext {
     pub mode: Mode,
     /// The pod's own addresses: the only tunnel targets it accepts.
     pub ips: Vec<std::net::IpAddr>,
+    /// Transparent inbound in the pod's netns: the app sees each client's real address. Held by
+    /// every connection of the pod through this context, so its routing outlives none of them.
+    pub transparency: Option<Arc<Transparency>>,
+    /// Why the app sees the proxy on loopback instead, when it does.
+    pub source_note: Option<String>,
     /// Shared proxy state.
     pub shared: Arc<ProxyShared>,
 }

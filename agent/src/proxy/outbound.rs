@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use super::{PodContext, conns::ConnMeta, routes::Resolved, shortcut, sockets::connect_from};
 use crate::{
     admin::model::Direction,
+    hbone::Origin,
     metrics::{ConnLabels, Reporter, SecurityPolicy},
 };
 
@@ -99,8 +100,10 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         let tunnel = SocketAddr::new(target.ip(), shared.ports.tunnel);
         let netns = pod.netns.clone();
         let dial = move |addr| async move { connect_from(&netns, addr).await };
+        // The app's port travels in the CONNECT, so the destination app sees the port it used.
+        let origin = Origin { netns: pod.netns.cookie(), port: peer.port() };
         let (mut stream, peer_id) =
-            match mtls.pool.connect(src_id, tunnel, target, protocol, &[dst_id], dial).await {
+            match mtls.pool.connect(src_id, origin, tunnel, target, protocol, &[dst_id], dial).await {
                 Ok(ok) => ok,
                 Err(e) => {
                     // Fail closed: never fall back to plaintext for a mesh destination.

@@ -68,6 +68,10 @@ pub(super) async fn relay_local(
     // The same decision a tunnel would get: the source pod's identity and its own address (the
     // tunnel peer address HBONE would have shown), never the loopback socket the app used.
     let source_ip = src.ips.iter().find(|ip| ip.is_ipv4() == target.is_ipv4()).or(src.ips.first()).copied();
+    // What the app would have seen without the mesh: the source pod's address and its app's port.
+    // The source pod's netns holds that 4-tuple, not the destination's, so the port is free here.
+    let app_source = source_ip.map(|ip| SocketAddr::new(ip, meta.src.port()));
+    inbound.src = app_source.unwrap_or(inbound.src);
     let declared = deliver::declared(dst, target.port());
     let subject = AuthzSubject {
         workload: dst.key.clone(),
@@ -83,7 +87,7 @@ pub(super) async fn relay_local(
         return;
     }
     let app = if deliver::dial_early(shared, &inbound) {
-        match connect_to_app(dst, target).await {
+        match connect_to_app(dst, target, app_source).await {
             Ok(app) => Some(app),
             Err(e) => {
                 for m in [&meta, &inbound] {
@@ -98,10 +102,11 @@ pub(super) async fn relay_local(
     let out = shared.open_conn(meta);
     // The inbound record is the one policy changes re-check and the HTTP layer counts; the outbound
     // one gets the same totals at the end.
-    let (reason, (sent, received)) = match deliver::deliver(dst, inbound, down, app, declared).await {
-        Some(done) => (done.reason, done.bytes),
-        None => (CloseReason::Closed("refused by the destination's policy".into()), (0, 0)),
-    };
+    let (reason, (sent, received)) =
+        match deliver::deliver(dst, inbound, down, app, declared, app_source).await {
+            Some(done) => (done.reason, done.bytes),
+            None => (CloseReason::Closed("refused by the destination's policy".into()), (0, 0)),
+        };
     out.stats().sent.store(sent, Ordering::Relaxed);
     out.stats().received.store(received, Ordering::Relaxed);
     out.close(&reason);

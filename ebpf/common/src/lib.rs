@@ -71,10 +71,19 @@ pub mod counter {
     pub const TUPLE_RECORDED: u32 = 2;
     /// SYNs steered to an inbound listener by sk_lookup.
     pub const INBOUND_STEERED: u32 = 3;
-    /// SYNs for a pod address without a listener in the table (left to the kernel).
+    /// SYNs for an address of an enrolled pod's netns without a listener in the table: dropped,
+    /// so an address the agent has not registered yet never reaches the app unproxied (the
+    /// client's SYN retransmit finds the listener once the address watch has added it).
     pub const INBOUND_NO_LISTENER: u32 = 4;
+    /// SYNs for the tunnel port steered to the pod's HBONE listener.
+    pub const TUNNEL_STEERED: u32 = 5;
+    /// SYNs for the tunnel port of an address without an HBONE listener (no certificate, or not
+    /// registered yet): dropped.
+    pub const TUNNEL_NO_LISTENER: u32 = 6;
+    /// getpeername() answers rewritten to a captured socket's original destination.
+    pub const PEER_REWRITTEN: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 8;
 }
 
 /// Per-pod counters, keyed by the pod's cgroup id (outbound) or first address (inbound).
@@ -89,12 +98,15 @@ pub struct PodCounters {
 
 /// Names of the maps in the object file, shared so the agent cannot drift from the programs.
 pub mod maps {
-    /// cookie -> original destination, written by connect4/6.
+    /// cookie -> original destination, written by connect4/6, kept for the socket's life (the
+    /// getpeername programs answer from it) and removed by sock_ops when the socket closes.
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     /// (netns cookie, app address) -> original destination, written by sock_ops.
     pub const ORIG_DST_BY_CONN: &str = "ORIG_DST_BY_CONN";
     /// pod address -> inbound listener socket.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// pod address -> HBONE tunnel listener socket.
+    pub const TUNNEL_LISTENERS: &str = "TUNNEL_LISTENERS";
     /// Capture settings.
     pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
     /// Ports never captured.
@@ -121,6 +133,10 @@ pub mod programs {
     pub const SOCK_OPS: &str = "ferry_sockops";
     /// sk_lookup steering inbound SYNs.
     pub const SK_LOOKUP: &str = "ferry_sk_lookup";
+    /// cgroup/getpeername4.
+    pub const GETPEERNAME4: &str = "ferry_getpeername4";
+    /// cgroup/getpeername6.
+    pub const GETPEERNAME6: &str = "ferry_getpeername6";
 }
 
 #[cfg(feature = "user")]

@@ -1,7 +1,8 @@
 //! sock_ops: once the kernel has picked the app socket's local port (TCP_CONNECT_CB, before the SYN
-//! leaves), move the cookie-keyed record to a key the proxy can compute from the accepted socket:
+//! leaves), copy the cookie-keyed record to a key the proxy can compute from the accepted socket:
 //! the pod's netns cookie and the app's address. The SYN has not been sent yet, so the record is
-//! always in place before the proxy can accept.
+//! always in place before the proxy can accept. The cookie-keyed record stays for getpeername and
+//! is removed when the socket closes (the state callback is asked for on captured sockets only).
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -17,12 +18,25 @@ use crate::{
 };
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
+const TCP_CLOSE: u32 = 7;
 
 #[sock_ops]
 pub fn ferry_sockops(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
     // SAFETY (all ctx reads below): `ops` is the kernel's bpf_sock_ops for this program type.
-    if unsafe { ctx_read(&raw const (*ops).op) } != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = unsafe { ctx_read(&raw const (*ops).op) };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // args[1] is the new state: a closed captured socket needs no getpeername answer.
+        if unsafe { ctx_read(&raw const (*ops).__bindgen_anon_1.args[1]) } == TCP_CLOSE {
+            // SAFETY: helper valid for sock_ops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+        }
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
         return 1;
     }
     // SAFETY: helpers valid for sock_ops programs.
@@ -31,7 +45,6 @@ pub fn ferry_sockops(ctx: SockOpsContext) -> u32 {
     let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
         return 1;
     };
-    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
     let family = unsafe { ctx_read(&raw const (*ops).family) } as u16;
     let ip = if family == AF_INET {
         [unsafe { ctx_read(&raw const (*ops).local_ip4) }, 0, 0, 0]
@@ -57,6 +70,11 @@ pub fn ferry_sockops(ctx: SockOpsContext) -> u32 {
     };
     if ORIG_DST_BY_CONN.insert(&key, &orig, 0).is_ok() {
         count(counter::TUPLE_RECORDED);
+    }
+    // Without the close callback the record would stay until LRU eviction; then drop it now and
+    // let getpeername show the proxy rather than leak entries.
+    if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG).is_err() {
+        let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
     }
     1
 }

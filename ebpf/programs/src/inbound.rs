@@ -1,17 +1,21 @@
-//! Inbound capture: sk_lookup, attached to each enrolled pod's netns, steers a TCP SYN that arrives on
-//! a real interface for one of the pod's addresses to the pod's inbound listener, except for the
-//! tunnel port, whose listener is bound to the pod address and found by the normal lookup. Loopback
-//! (the proxy handing a connection to the app, or the app talking to itself) is never touched.
+//! Inbound capture: sk_lookup, attached to each enrolled pod's netns, steers every TCP SYN that
+//! arrives on a real interface for a local address of the netns: the tunnel port to the pod's HBONE
+//! listener, every other port to its inbound listener. The tables are keyed by address and hold
+//! every non-loopback address of the netns (the agent watches them), so a SYN for an address with
+//! no entry is dropped: it belongs to an enrolled pod whose new address is not registered yet, and
+//! the client's retransmit finds it steered. Nothing reaches a pod's app unproxied. Loopback (the
+//! proxy handing a connection to the app, or the app talking to itself) is never touched.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use ferry_common::{AF_INET, AF_INET6, PodAddr, counter};
 
 use crate::{
     ctx::{ctx_read, read_ip6},
-    maps::{INBOUND_LISTENERS, INBOUND_POD_COUNTERS, capture_config, count},
+    maps::{INBOUND_LISTENERS, INBOUND_POD_COUNTERS, TUNNEL_LISTENERS, capture_config, count},
 };
 
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
 const IPPROTO_TCP: u32 = 6;
 /// The loopback device is ifindex 1 in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -26,9 +30,6 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let Some(cfg) = capture_config() else { return SK_PASS };
-    if unsafe { ctx_read(&raw const (*lk).local_port) } == u32::from(cfg.tunnel_port) {
-        return SK_PASS;
-    }
     let family = unsafe { ctx_read(&raw const (*lk).family) };
     let key = if family == u32::from(AF_INET) {
         PodAddr { ip: [unsafe { ctx_read(&raw const (*lk).local_ip4) }, 0, 0, 0], family }
@@ -37,6 +38,18 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         return SK_PASS;
     };
+    if unsafe { ctx_read(&raw const (*lk).local_port) } == u32::from(cfg.tunnel_port) {
+        return match TUNNEL_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
+            Ok(()) => {
+                count(counter::TUNNEL_STEERED);
+                SK_PASS
+            }
+            Err(_) => {
+                count(counter::TUNNEL_NO_LISTENER);
+                SK_DROP
+            }
+        };
+    }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
         Ok(()) => {
             count(counter::INBOUND_STEERED);
@@ -47,8 +60,11 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
                     let _ = INBOUND_POD_COUNTERS.insert(&key, &1, 0);
                 }
             }
+            SK_PASS
         }
-        Err(_) => count(counter::INBOUND_NO_LISTENER),
+        Err(_) => {
+            count(counter::INBOUND_NO_LISTENER);
+            SK_DROP
+        }
     }
-    SK_PASS
 }

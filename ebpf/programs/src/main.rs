@@ -3,7 +3,9 @@
 //! - `outbound`: cgroup connect4/connect6 redirect a pod's TCP connects to the in-pod outbound listener
 //!   and record the original destination by socket cookie.
 //! - `conntrack`: sock_ops moves that record to a key the proxy can compute on accept.
-//! - `inbound`: sk_lookup steers SYNs for a pod's address to the in-pod inbound listener.
+//! - `inbound`: sk_lookup steers SYNs for any address of a pod's netns to the in-pod inbound (or
+//!   tunnel) listener, and drops those it has no listener for.
+//! - `peername`: getpeername4/6 answer a captured socket's original destination.
 #![no_std]
 #![no_main]
 
@@ -12,6 +14,7 @@ mod ctx;
 mod inbound;
 mod maps;
 mod outbound;
+mod peername;
 
 #[cfg(not(test))]
 #[panic_handler]

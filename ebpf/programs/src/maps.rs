@@ -10,9 +10,14 @@ use ferry_common::{CaptureConfig, ConnKey, PodAddr, PodCounters, SockAddr};
 /// connects and dies before the SYN) age out instead of filling the table.
 const CONN_ENTRIES: u32 = 65536;
 
-/// Socket cookie -> original destination, from connect4/6 to sock_ops.
+/// Captured sockets whose original destination the getpeername programs can answer with. Each
+/// entry lives as long as its socket (sock_ops removes it on close); LRU only as a backstop for
+/// sockets that never got as far as a SYN.
+const PEER_ENTRIES: u32 = 262144;
+
+/// Socket cookie -> original destination, from connect4/6 to sock_ops and getpeername4/6.
 #[map(name = "ORIG_DST_BY_COOKIE")]
-pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> = LruHashMap::with_max_entries(CONN_ENTRIES, 0);
+pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> = LruHashMap::with_max_entries(PEER_ENTRIES, 0);
 
 /// (netns cookie, app address) -> original destination, from sock_ops to the proxy.
 #[map(name = "ORIG_DST_BY_CONN")]
@@ -21,6 +26,10 @@ pub static ORIG_DST_BY_CONN: LruHashMap<ConnKey, SockAddr> = LruHashMap::with_ma
 /// Pod address -> the pod's inbound listener.
 #[map(name = "INBOUND_LISTENERS")]
 pub static INBOUND_LISTENERS: SockHash<PodAddr> = SockHash::with_max_entries(4096, 0);
+
+/// Pod address -> the pod's HBONE tunnel listener.
+#[map(name = "TUNNEL_LISTENERS")]
+pub static TUNNEL_LISTENERS: SockHash<PodAddr> = SockHash::with_max_entries(4096, 0);
 
 /// Capture settings at index 0.
 #[map(name = "CAPTURE_CONFIG")]
