@@ -1,5 +1,6 @@
 //! The inbound path: sk_lookup steers plaintext SYNs for an enrolled pod to its inbound listener,
-//! and the proxy hands them to the app over loopback. Loopback inside a pod is left alone.
+//! and the proxy hands them to the app from the client's own address. Loopback inside a pod is left
+//! alone.
 
 mod common;
 
@@ -19,9 +20,10 @@ fn inbound_plaintext_is_steered_by_sk_lookup() {
         assert_eq!(e[0]["pod"], "demo/server-1");
         assert_eq!(e[0]["src"], r["local_addrs"][0], "{family}: the proxy saw the outsider's real address");
         assert_eq!(e[0]["bytes_sent"], 300);
-        // The app was reached over loopback, with the destination port preserved.
-        let peer = r["peers_seen_by_server"][0].as_str().unwrap();
-        assert!(peer.starts_with("127.0.0.1:") || peer.starts_with("[::1]:"), "{family}: server saw {peer}");
+        // The app was reached at the dialled port, from the outsider's own address.
+        let peer: std::net::SocketAddr = r["peers_seen_by_server"][0].as_str().unwrap().parse().unwrap();
+        let client: std::net::SocketAddr = r["local_addrs"][0].as_str().unwrap().parse().unwrap();
+        assert_eq!(peer.ip().to_canonical(), client.ip().to_canonical(), "{family}: server saw {peer}");
     }
 }
 

@@ -33,6 +33,8 @@ struct Capture {
     mode: Option<String>,
     exclude_ports: Vec<u16>,
     exclude_cidrs: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    original_source: Option<bool>,
 }
 
 /// The `[ca]` table.
@@ -189,6 +191,12 @@ impl MeshFile {
     /// Sets `datapath.local_shortcut`: pod to pod on one node without the HBONE tunnel.
     pub fn local_shortcut(&mut self, on: bool) -> &mut Self {
         self.datapath = Some(Datapath { local_shortcut: on });
+        self
+    }
+
+    /// Sets `capture.original_source`: whether apps see their clients' real addresses.
+    pub fn original_source(&mut self, on: bool) -> &mut Self {
+        self.capture.original_source = Some(on);
         self
     }
 

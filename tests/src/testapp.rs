@@ -64,6 +64,9 @@ pub struct ConnectReport {
     pub bytes_echoed: u64,
     /// The client's local address of each connection that was established.
     pub local_addrs: Vec<String>,
+    /// What getpeername() returned on each established connection (echo wire only).
+    #[serde(default)]
+    pub peer_addrs: Vec<String>,
     /// The peer address each server reported in its trailer.
     pub peers_seen_by_server: Vec<String>,
 }

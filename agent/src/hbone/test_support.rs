@@ -1,7 +1,6 @@
 //! Fixtures for the HBONE tests: an identity store with real certificates from the embedded CA,
 //! an HBONE server on loopback that counts the TCP connections it accepts, and upstream apps.
 
-use crate::config::AppProtocol;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -334,6 +334,8 @@ async fn echo(mut stream: TcpStream, peer: SocketAddr, tag: &str) -> Result<()> 
 /// The outcome of one client connection: its local address (once connected) and the result.
 struct ConnOutcome {
     local: Option<SocketAddr>,
+    /// What getpeername() said once connected.
+    peer: Option<SocketAddr>,
     result: Result<Trailer>,
 }
 
@@ -362,14 +364,14 @@ async fn connect(addr: SocketAddr, bytes: usize, hold: Hold, conns: usize, timeo
         .map(|i| {
             let released = released.clone();
             tokio::spawn(async move {
-                let mut local = None;
+                let (mut local, mut peer) = (None, None);
                 let limit = Duration::from_millis(timeout_ms);
-                let conn = one_conn(addr, i as u64, bytes, hold.ms, released, &mut local);
+                let conn = one_conn(addr, i as u64, bytes, hold.ms, released, &mut local, &mut peer);
                 let result = match tokio::time::timeout(limit, conn).await {
                     Ok(result) => result,
                     Err(_) => Err(anyhow::anyhow!("timed out after {timeout_ms} ms")),
                 };
-                ConnOutcome { local, result }
+                ConnOutcome { local, peer, result }
             })
         })
         .collect();
@@ -377,10 +379,15 @@ async fn connect(addr: SocketAddr, bytes: usize, hold: Hold, conns: usize, timeo
     for (i, task) in tasks.into_iter().enumerate() {
         let outcome = match task.await {
             Ok(outcome) => outcome,
-            Err(e) => ConnOutcome { local: None, result: Err(anyhow::anyhow!("task failed: {e}")) },
+            Err(e) => {
+                ConnOutcome { local: None, peer: None, result: Err(anyhow::anyhow!("task failed: {e}")) }
+            }
         };
         if let Some(local) = outcome.local {
             report.local_addrs.push(local.to_string());
+        }
+        if let Some(peer) = outcome.peer {
+            report.peer_addrs.push(peer.to_string());
         }
         match outcome.result {
             Ok(trailer) => {
@@ -410,9 +417,11 @@ async fn one_conn(
     hold_ms: u64,
     released: Option<tokio::sync::watch::Receiver<bool>>,
     local: &mut Option<SocketAddr>,
+    peer: &mut Option<SocketAddr>,
 ) -> Result<Trailer> {
     let stream = TcpStream::connect(addr).await.context("connect")?;
     *local = Some(stream.local_addr()?);
+    *peer = Some(stream.peer_addr()?);
     let sent = payload(conn, bytes);
     let (mut reader, mut writer) = stream.into_split();
     let write = async {
