@@ -59,9 +59,9 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
             e["links"].as_array().unwrap().iter().map(|l| l["id"].as_u64().unwrap()).collect::<Vec<_>>()
         })
         .collect();
-    assert_eq!(prog_ids.len(), 4, "connect4, connect6, sock_ops, sk_lookup: {ready}");
-    // Three enrolled pods, four links each.
-    assert_eq!(link_ids.len(), 12, "{:?}", events_of(&s.agent, "enrolled"));
+    assert_eq!(prog_ids.len(), 6, "connect4/6, getpeername4/6, sock_ops, sk_lookup: {ready}");
+    // Three enrolled pods, six links each.
+    assert_eq!(link_ids.len(), 18, "{:?}", events_of(&s.agent, "enrolled"));
     let (progs, links) = (bpf_ids("prog"), bpf_ids("link"));
     assert!(prog_ids.iter().all(|id| progs.contains(id)), "programs are loaded while running");
     assert!(link_ids.iter().all(|id| links.contains(id)), "links exist while running");
@@ -89,6 +89,15 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
             "{} still listens: {ports:?}",
             pod.name()
         );
+    }
+    // Transparent inbound's reply routing is gone from every pod too.
+    for pod in [&client, &servers[0], &servers[1]] {
+        let rules = std::process::Command::new("ip")
+            .args(["netns", "exec", pod.netns_name(), "ip", "rule", "show"])
+            .output()
+            .expect("ip rule");
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        assert!(!rules.contains("lookup 17989"), "{} keeps the transparency rule: {rules}", pod.name());
     }
     // And the pods' networking is back to plain: the client reaches the server directly.
     let after = connect(&client, &target, &["--bytes", "10"]).unwrap();

@@ -209,7 +209,12 @@ fn cli_workloads_lists_enrolled_pods() {
     assert_eq!(table.code, Some(0), "{table:?}");
     let mut lines = table.stdout.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAMESPACE", "NAME", "IP", "MODE", "IDENTITY", "PROGRAMS"], "{}", table.stdout);
+    assert_eq!(
+        header,
+        ["NAMESPACE", "NAME", "IP", "STEERED", "APP-PEER", "MODE", "IDENTITY", "PROGRAMS"],
+        "{}",
+        table.stdout
+    );
     let rows: BTreeMap<String, Vec<String>> = lines
         .map(|l| {
             let cells: Vec<String> = l.split_whitespace().map(str::to_owned).collect();
@@ -222,7 +227,14 @@ fn cli_workloads_lists_enrolled_pods() {
         let row = &rows[pod.name()];
         assert_eq!(row[0], NAMESPACE, "{row:?}");
         assert_eq!(row[2], format!("{},{}", pod.ipv4(), pod.ipv6()), "{row:?}");
-        assert!(row[5].contains("connect4") && row[5].contains("sk_lookup"), "programs attached: {row:?}");
+        // Every address of the pod is steered: the listed ones and its link-local one.
+        let steered: Vec<&str> = row[3].split(',').collect();
+        assert!(steered.contains(&pod.ipv4().to_string().as_str()), "{row:?}");
+        assert!(steered.contains(&pod.ipv6().to_string().as_str()), "{row:?}");
+        assert!(steered.iter().any(|a| a.starts_with("fe80::")), "{row:?}");
+        assert_eq!(row[4], "client", "the app sees its clients' real addresses: {row:?}");
+        assert!(row[7].contains("connect4") && row[7].contains("sk_lookup"), "programs attached: {row:?}");
+        assert!(row[7].contains("getpeername4") && row[7].contains("getpeername6"), "{row:?}");
     }
 
     let json = ferry(&sock, &["-o", "json", "workloads"]).json();
@@ -235,7 +247,8 @@ fn cli_workloads_lists_enrolled_pods() {
         let pod = s.node.pod(w["name"].as_str().unwrap()).unwrap();
         assert_eq!(w["netns"], pod.netns_path().display().to_string(), "{w}");
         assert_eq!(w["cgroup"], pod.cgroup_path().display().to_string(), "{w}");
-        assert_eq!(w["programs"].as_array().map(Vec::len), Some(4), "{w}");
+        assert_eq!(w["programs"].as_array().map(Vec::len), Some(6), "{w}");
+        assert_eq!(w["app_source"], "client", "{w}");
     }
 
     let yaml = ferry(&sock, &["workloads", "-o", "yaml"]);

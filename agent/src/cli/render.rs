@@ -45,7 +45,7 @@ pub fn labelled(lines: &[(&str, String)]) -> String {
 /// `ferry workloads`.
 pub fn workloads(list: &[WorkloadView]) -> Table {
     let mut t =
-        Table::new(&["NAMESPACE", "NAME", "IP", "STEERED", "APP SEES", "MODE", "IDENTITY", "PROGRAMS"]);
+        Table::new(&["NAMESPACE", "NAME", "IP", "STEERED", "APP-PEER", "MODE", "IDENTITY", "PROGRAMS"]);
     for w in list {
         let programs: Vec<&str> = w.programs.iter().map(|p| p.strip_prefix("ferry_").unwrap_or(p)).collect();
         let programs = if w.enrolled || !programs.is_empty() {

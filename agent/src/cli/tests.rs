@@ -39,7 +39,7 @@ async fn tables_for_each_command() {
     let lines: Vec<&str> = o.out.lines().collect();
     assert_eq!(
         lines[0],
-        "NAMESPACE   NAME     IP                 STEERED              APP SEES   MODE         IDENTITY                                      PROGRAMS"
+        "NAMESPACE   NAME     IP                 STEERED              APP-PEER   MODE         IDENTITY                                      PROGRAMS"
     );
     assert_eq!(
         lines[1],

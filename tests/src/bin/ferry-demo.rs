@@ -327,7 +327,8 @@ fn row(c: &Close) -> Vec<String> {
         let pod = c.endpoint_pod.as_deref().unwrap_or("outside the mesh");
         ("redirected outbound", format!("{} ({pod})", c.endpoint.as_deref().unwrap_or("?")))
     } else {
-        ("steered inbound", format!("app on loopback :{}", port_of(&c.orig_dst)))
+        // Transparent inbound: the app is dialled at the address the client used, from the client.
+        ("steered inbound", format!("app at {}", c.orig_dst))
     };
     let from = match (&c.src_pod, c.outbound()) {
         (Some(p), false) => format!("{} ({p})", c.src),
@@ -349,11 +350,6 @@ fn row(c: &Close) -> Vec<String> {
 
 fn security(s: &str) -> &str {
     if s == "none" { "plaintext" } else { s }
-}
-
-/// The port of an "ip:port" or "[ip]:port" string.
-fn port_of(addr: &str) -> &str {
-    addr.rsplit(':').next().unwrap_or(addr)
 }
 
 /// Prints rows under a header, each column as wide as its widest cell.
@@ -464,6 +460,11 @@ fn check_step(checks: &mut Checks, n: usize, step: &Step, o: &Outcome) {
     if step.expect_ok && want_out > 0 {
         let loopback = r.local_addrs.iter().all(|a| a.starts_with("127.0.0.1:") || a.starts_with("[::1]:"));
         checks.check(loopback, format!("[{n}] the app's sockets were redirected to the in-pod listener"));
+        let named = r.peer_addrs.iter().all(|p| *p == step.to.to_string());
+        checks.check(
+            named && r.peer_addrs.len() == r.ok as usize,
+            format!("[{n}] yet getpeername() names {} to the app, as without the mesh", step.to),
+        );
     }
 }
 
@@ -532,6 +533,11 @@ fn check_outsider(checks: &mut Checks, s: &Demo, o: &Outcome, events: &[Value]) 
     checks.check(
         inbound.is_some_and(|c| c.src == local && c.src_pod.is_none() && c.pod == pod_key(&s.servers[0])),
         "[4] server-1's inbound hop saw the outsider's real address, outside the mesh",
+    );
+    let seen = o.report.peers_seen_by_server.first().cloned().unwrap_or_default();
+    checks.check(
+        seen.starts_with(&own),
+        format!("[4] and so did server-1's app ({seen}): transparent inbound, not the proxy on loopback"),
     );
 }
 
@@ -848,12 +854,6 @@ mod tests {
         let inb = row(&close(8, "inbound", None));
         assert_eq!(inb[2], "steered inbound");
         assert_eq!(inb[3], "127.0.0.1:4000 (outside the mesh)");
-        assert_eq!(inb[5], "app on loopback :80");
-    }
-
-    #[test]
-    fn port_of_handles_both_families() {
-        assert_eq!(port_of("10.233.1.3:8080"), "8080");
-        assert_eq!(port_of("[fd00:233:1::3]:8080"), "8080");
+        assert_eq!(inb[5], "app at [fd00:96::10]:80");
     }
 }

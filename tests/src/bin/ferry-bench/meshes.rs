@@ -36,6 +36,11 @@ pub enum MeshKind {
     /// Ferry with its CA and `[datapath] local_shortcut`: pods of one node joined by the agent
     /// without the tunnel.
     FerryFastpath,
+    /// [`MeshKind::FerryMtls`] with `[capture] original_source = false`: the apps see the proxy on
+    /// loopback, as before transparent inbound (the old path, measured against the new one).
+    FerryMtlsLoopback,
+    /// [`MeshKind::FerryFastpath`] with `original_source = false`.
+    FerryFastpathLoopback,
     /// Ferry's proxy engine as a classic sidecar in every pod behind iptables REDIRECT, HBONE with
     /// mutual TLS between sidecars.
     SidecarFerry,
@@ -87,7 +92,9 @@ pub const SCENARIOS: &[ScenarioDef] = &[
     ScenarioDef::new("ferry-l4-local", Topology::Local, MeshKind::FerryL4),
     ScenarioDef::new("ferry-local", Topology::Local, MeshKind::FerryMtls),
     ScenarioDef::new("ferry-local-fastpath", Topology::Local, MeshKind::FerryFastpath),
+    ScenarioDef::new("ferry-local-fastpath-loopback", Topology::Local, MeshKind::FerryFastpathLoopback),
     ScenarioDef::new("ferry-mtls", Topology::CrossNode, MeshKind::FerryMtls),
+    ScenarioDef::new("ferry-mtls-loopback", Topology::CrossNode, MeshKind::FerryMtlsLoopback),
     ScenarioDef::new("ferry-mtls-policy", Topology::CrossNode, MeshKind::FerryMtlsPolicy),
     ScenarioDef::http("ferry-mtls-http", Topology::CrossNode, MeshKind::FerryMtls),
     ScenarioDef::new("sidecar-ferry", Topology::CrossNode, MeshKind::SidecarFerry),
@@ -136,10 +143,18 @@ pub fn install(world: &World, kind: MeshKind) -> Result<Mesh> {
                 _policies: None,
             })
         }
-        MeshKind::FerryL4 => node_agents(world, false, false, None),
-        MeshKind::FerryMtls => node_agents(world, true, false, None),
-        MeshKind::FerryMtlsPolicy => node_agents(world, true, false, Some(policy::write_set()?)),
-        MeshKind::FerryFastpath => node_agents(world, true, true, None),
+        MeshKind::FerryL4 => node_agents(world, Agents { mtls: false, ..Agents::DEFAULT }),
+        MeshKind::FerryMtls => node_agents(world, Agents::DEFAULT),
+        MeshKind::FerryMtlsPolicy => {
+            node_agents(world, Agents { policies: Some(policy::write_set()?), ..Agents::DEFAULT })
+        }
+        MeshKind::FerryFastpath => node_agents(world, Agents { shortcut: true, ..Agents::DEFAULT }),
+        MeshKind::FerryMtlsLoopback => {
+            node_agents(world, Agents { original_source: false, ..Agents::DEFAULT })
+        }
+        MeshKind::FerryFastpathLoopback => {
+            node_agents(world, Agents { shortcut: true, original_source: false, ..Agents::DEFAULT })
+        }
         MeshKind::SidecarFerry => ferry_sidecars(world),
         MeshKind::SidecarHaproxy => {
             let pods: Vec<(&ferry_tests::Pod, &str)> = std::iter::once((&world.client, CLIENT_SA))
@@ -162,9 +177,26 @@ pub fn install(world: &World, kind: MeshKind) -> Result<Mesh> {
     }
 }
 
-/// One Ferry agent per node, with a CA when `mtls`, the node-local shortcut when `shortcut`, and
-/// every agent reading `policies` when given.
-fn node_agents(world: &World, mtls: bool, shortcut: bool, policies: Option<PolicyDir>) -> Result<Mesh> {
+/// How the node agents of a scenario are set up.
+struct Agents {
+    /// A CA, so HBONE with mutual TLS.
+    mtls: bool,
+    /// `[datapath] local_shortcut`.
+    shortcut: bool,
+    /// `[capture] original_source`: apps see their clients' real addresses.
+    original_source: bool,
+    /// Policy files every agent reads.
+    policies: Option<PolicyDir>,
+}
+
+impl Agents {
+    /// Ferry's defaults with a CA.
+    const DEFAULT: Agents = Agents { mtls: true, shortcut: false, original_source: true, policies: None };
+}
+
+/// One Ferry agent per node, set up as `agents` says.
+fn node_agents(world: &World, agents_setup: Agents) -> Result<Mesh> {
+    let Agents { mtls, shortcut, original_source, policies } = agents_setup;
     let nodes: &[&str] = match world.topology {
         Topology::Local => &[NODE_A],
         Topology::CrossNode => &[NODE_A, NODE_B],
@@ -178,6 +210,9 @@ fn node_agents(world: &World, mtls: bool, shortcut: bool, policies: Option<Polic
         }
         if shortcut {
             mesh.local_shortcut(true);
+        }
+        if !original_source {
+            mesh.original_source(false);
         }
         if let Some(dir) = &policies {
             mesh.root_namespace(policy::ROOT_NAMESPACE).policies(dir.path());
@@ -228,8 +263,14 @@ pub fn check_path(world: &World, mesh: &Mesh, kind: MeshKind) -> Result<()> {
     ensure!(r.ok == CONNS as u64, "connections to the service failed: {r:?}");
     ensure!(r.tags.len() > 1, "the service did not balance over its servers: {r:?}");
     let client_ip = world.client.ipv4().to_string();
+    // Without a mesh and behind Ferry's node agents the servers see the client itself; behind
+    // sidecars (and with original_source off) they see a local proxy.
     let seen_ok = |peer: &String| match kind {
-        MeshKind::Direct => peer.starts_with(&format!("{client_ip}:")),
+        MeshKind::Direct
+        | MeshKind::FerryL4
+        | MeshKind::FerryMtls
+        | MeshKind::FerryMtlsPolicy
+        | MeshKind::FerryFastpath => peer.starts_with(&format!("{client_ip}:")),
         _ => peer.starts_with("127.0.0.1:"),
     };
     ensure!(
@@ -247,7 +288,7 @@ pub fn check_path(world: &World, mesh: &Mesh, kind: MeshKind) -> Result<()> {
     let Some(client_agent) = mesh.agents.first() else { return Ok(()) };
     let security = match kind {
         MeshKind::FerryL4 => "none",
-        MeshKind::FerryFastpath => "node_local",
+        MeshKind::FerryFastpath | MeshKind::FerryFastpathLoopback => "node_local",
         _ => "mutual_tls",
     };
     let client = pod_key(&world.client);

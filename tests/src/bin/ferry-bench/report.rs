@@ -196,6 +196,26 @@ pub fn compare(rows: &[Row]) -> (Vec<Ratio>, Vec<Target>) {
         target("ferry-mtls-http added p50 <= 1.3x ferry-mtls's".to_owned(), r.added_p50, 1.3);
         ratios.push(r);
     }
+    // Transparent inbound (the apps see real client addresses) against the old loopback path:
+    // the same scenario, both in this run. It should cost close to nothing.
+    for (new, old) in
+        [("ferry-mtls", "ferry-mtls-loopback"), ("ferry-local-fastpath", "ferry-local-fastpath-loopback")]
+    {
+        if let (Some(new_row), Some(old_row)) = (find(new), find(old)) {
+            let r = ratio(new_row, old_row);
+            target(
+                format!("{new} added p50 <= 1.05x {old}'s (transparent inbound, informational)"),
+                r.added_p50,
+                1.05,
+            );
+            target(
+                format!("{new} CPU per request <= 1.05x {old}'s (transparent inbound, informational)"),
+                r.cpu,
+                1.05,
+            );
+            ratios.push(r);
+        }
+    }
     // Not one of the targets: what enforcing a realistic policy set costs, which should be
     // close to nothing (one decision per connection, none per request).
     if let (Some(policy), Some(plain)) = (find("ferry-mtls-policy"), find("ferry-mtls")) {
