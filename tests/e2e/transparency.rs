@@ -189,6 +189,34 @@ fn app_sees_real_client_address_over_local_shortcut() {
     client_pod_address_reaches_the_app("rcls", true);
 }
 
+#[test]
+fn pods_sharing_an_identity_keep_their_own_address_over_hbone() {
+    let pods = ScenarioPods::start("shid").unwrap();
+    let ca = ferry_tests::ca::make_ca("cluster.local", &["node-a"]).unwrap();
+    let mut mesh = MeshFile::new("node-a");
+    mesh.ca(&ca.path().join("nodes").join("node-a"), None);
+    // Two replicas of one workload: same service account, so the same SPIFFE identity.
+    mesh.pod(&pods.client, NAMESPACE, "client");
+    mesh.pod(&pods.outsider, NAMESPACE, "client");
+    mesh.pod(&pods.servers[0], NAMESPACE, SERVICE).mode("strict");
+    let agent = Agent::start(&pods.node, &mesh.to_toml()).unwrap();
+    let target = sock(pods.servers[0].ipv4().into(), SERVER_PORT);
+    for _ in 0..2 {
+        for from in [&pods.client, &pods.outsider] {
+            let r = connect(from, &target, &["--bytes", "64"]).unwrap();
+            assert_eq!(r["ok"], 1, "{}: {r}", from.name());
+            let seen = &r["peers_seen_by_server"][0];
+            assert_eq!(ip_of(seen), IpAddr::from(from.ipv4()), "{} appeared as {seen}", from.name());
+        }
+    }
+    // Each replica has its own tunnel, reused by its own later connections.
+    let tunnels = events_of(&agent, "tunnel_accept");
+    let sources: BTreeSet<IpAddr> = tunnels.iter().map(|t| ip_of(&t["src"])).collect();
+    let want: BTreeSet<IpAddr> = [pods.client.ipv4().into(), pods.outsider.ipv4().into()].into();
+    assert_eq!(sources, want, "{tunnels:?}");
+    assert_eq!(tunnels.len(), 2, "one pooled tunnel per source pod: {tunnels:?}");
+}
+
 /// tcpdump on a pod's interface, printing one line per TCP packet.
 struct Capture {
     child: ChildGuard,

@@ -72,11 +72,11 @@ impl Steering {
             move |source| DatapathError::Map { what, source }
         };
         t.inbound.insert(key, inbound, 0).map_err(map_err("registering the inbound listener"))?;
-        if let Some(tunnel) = tunnel {
-            if let Err(e) = t.tunnel.insert(key, tunnel, 0) {
-                let _ = t.inbound.remove(&key);
-                return Err(map_err("registering the tunnel listener")(e).into());
-            }
+        if let Some(tunnel) = tunnel
+            && let Err(e) = t.tunnel.insert(key, tunnel, 0)
+        {
+            let _ = t.inbound.remove(&key);
+            return Err(map_err("registering the tunnel listener")(e).into());
         }
         t.owners.insert(ip, pod.netns_cookie);
         Ok(())

@@ -173,7 +173,9 @@ type Slot = tokio::sync::Mutex<Option<PooledConn>>;
 /// netns, so the destination sees the address the pod really has, and two pods sharing a service
 /// account never share a connection (one would appear with the other's address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Origin {
+pub struct Origin<'a> {
+    /// The source pod's identity, whose SVID the connection presents.
+    pub identity: &'a SpiffeId,
     /// The source pod's netns cookie.
     pub netns: u64,
     /// The source app's port, told to the destination in `Forwarded` (0: not told).
@@ -283,15 +285,14 @@ impl HbonePool {
         self.inner.streams_opened.load(Ordering::Relaxed)
     }
 
-    /// Opens a tunnel to `authority` through the HBONE endpoint `tunnel`, presenting `src`'s SVID
-    /// and accepting only a server whose identity is in `allowed_peers`. A pooled connection is
+    /// Opens a tunnel to `authority` through the HBONE endpoint `tunnel`, presenting the SVID of
+    /// `origin.identity` and accepting only a server whose identity is in `allowed_peers`. A pooled connection is
     /// reused when possible; otherwise `dial` makes the TCP connection (from the source pod's network
     /// namespace). `protocol` is the target port's declared protocol, told to the destination.
     /// Returns the stream once the peer answered 200, with the peer's verified identity.
     pub async fn connect<D, F>(
         &self,
-        src: &SpiffeId,
-        origin: Origin,
+        origin: Origin<'_>,
         tunnel: SocketAddr,
         authority: SocketAddr,
         protocol: Option<AppProtocol>,
@@ -302,6 +303,7 @@ impl HbonePool {
         D: FnOnce(SocketAddr) -> F,
         F: Future<Output = io::Result<TcpStream>>,
     {
+        let src = origin.identity;
         let route = Route { netns: origin.netns, tunnel };
         let slot = self.slot(src, route);
         let mut dial = Some(dial);

@@ -226,8 +226,7 @@ pub async fn tunnel_to(
 ) -> Result<(HboneStream, SpiffeId), ConnectError> {
     let allowed = [mesh.server.clone()];
     let connect = pool.connect(
-        &mesh.client,
-        super::Origin { netns: 1, port: 0 },
+        super::Origin { identity: &mesh.client, netns: 1, port: 0 },
         server.addr,
         target,
         None,

@@ -121,7 +121,11 @@ pub(super) async fn connect_to_app(
     orig: SocketAddr,
     source: Option<SocketAddr>,
 ) -> io::Result<TcpStream> {
-    if let Some(source) = source.filter(|s| pod.transparency.is_some() && s.is_ipv4() == orig.is_ipv4()) {
+    // A link-local destination needs its interface's scope, which the loopback-bound transparent
+    // socket cannot have: such connections take the loopback path.
+    let scoped = matches!(orig.ip(), IpAddr::V6(v6) if v6.is_unicast_link_local());
+    let transparent = pod.transparency.is_some() && !scoped;
+    if let Some(source) = source.filter(|s| transparent && s.is_ipv4() == orig.is_ipv4()) {
         match connect_transparent(&pod.netns, source, orig).await {
             Ok(app) => return Ok(app),
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {

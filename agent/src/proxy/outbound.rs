@@ -101,9 +101,9 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         let netns = pod.netns.clone();
         let dial = move |addr| async move { connect_from(&netns, addr).await };
         // The app's port travels in the CONNECT, so the destination app sees the port it used.
-        let origin = Origin { netns: pod.netns.cookie(), port: peer.port() };
+        let origin = Origin { identity: src_id, netns: pod.netns.cookie(), port: peer.port() };
         let (mut stream, peer_id) =
-            match mtls.pool.connect(src_id, origin, tunnel, target, protocol, &[dst_id], dial).await {
+            match mtls.pool.connect(origin, tunnel, target, protocol, &[dst_id], dial).await {
                 Ok(ok) => ok,
                 Err(e) => {
                     // Fail closed: never fall back to plaintext for a mesh destination.
