@@ -10,9 +10,10 @@ use serde_json::json;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
-    admin::{AdminServer, log_level::LogControl},
+    admin::{AdminServer, health::HealthServer, log_level::LogControl},
     bpf::{Datapath, loader::CaptureParams},
     config::CaptureMode,
+    enroll::discover::Host,
     events::EventSink,
     introspect::Introspect,
     metrics::{BuildInfo, Metrics, MetricsServer},
@@ -34,6 +35,12 @@ pub struct RunOptions {
     pub admin_socket: PathBuf,
     /// The Prometheus endpoint's address (in the node's netns).
     pub metrics_addr: std::net::SocketAddr,
+    /// The kubelet probes' endpoint (in the node's netns).
+    pub health_addr: std::net::SocketAddr,
+    /// The host's /proc, where pods given by UID are looked for.
+    pub host_proc: PathBuf,
+    /// The host's cgroup2 root; `None`: the cgroup2 mount in the agent's /proc/self/mounts.
+    pub cgroup_root: Option<PathBuf>,
     /// Changes the log filter at run time (`ferry log-level`).
     pub log: Option<LogControl>,
 }
@@ -43,6 +50,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // An invalid mesh file stops us here, before anything touches the kernel. Invalid policies do
     // not: the node starts denying every inbound connection until they are fixed (fail closed).
     let Initial { sources, config, policies } = Sources::load(&opts.config).context("invalid mesh file")?;
+    if let Some(effective) = crate::privileges::effective() {
+        for cap in crate::privileges::missing(effective) {
+            tracing::warn!(
+                capability = cap.name,
+                needed_for = cap.why,
+                "capability missing; what needs it will fail"
+            );
+        }
+    }
     let events = EventSink::open(opts.events.as_deref())
         .with_context(|| format!("opening events file {:?}", opts.events))?;
     let access_log = EventSink::open(opts.access_log.as_deref())
@@ -52,6 +68,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let admin = AdminServer::bind(&opts.admin_socket).await.context("starting the admin API")?;
     let metrics_server =
         MetricsServer::bind(opts.metrics_addr).await.context("starting the metrics endpoint")?;
+    let health_server = HealthServer::bind(opts.health_addr).await.context("starting the health endpoint")?;
     // Identities before the kernel: a bad CA directory must not leave half an agent behind.
     let mtls = match &config.ca {
         Some(ca) => Some(Mtls::start(ca, &config).context("setting up workload identities")?),
@@ -94,7 +111,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     });
     let policy_count = policies.as_ref().map_or(0, Vec::len);
     let shared = Arc::new(ProxyShared::new(orig_dst, sinks, ports, mtls, MeshState::new(config, policies)));
-    let node = Arc::new(NodeState::new(datapath, shared.clone()));
+    let host = match Host::at(opts.host_proc.clone(), opts.cgroup_root.clone()) {
+        Ok(host) => Some(host),
+        Err(e) => {
+            tracing::warn!(error = %e, "pods given by UID cannot be found on this node");
+            None
+        }
+    };
+    let node = Arc::new(NodeState::new(datapath, shared.clone(), host));
     let counter_node = node.clone();
     metrics.set_bpf_source(Arc::new(move || Introspect::bpf_redirects(&counter_node)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -102,9 +126,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let introspect = Arc::new(Introspect::new(node.clone(), opts.log.clone(), opts.config.clone()));
-    let admin_task = tokio::spawn(admin.serve(introspect, stopped(stop_rx.clone())));
+    let admin_task = tokio::spawn(admin.serve(introspect.clone(), stopped(stop_rx.clone())));
+    let health_task = tokio::spawn(health_server.serve(introspect, stopped(stop_rx.clone())));
     let metrics_task = tokio::spawn(metrics_server.serve(metrics.clone(), stopped(stop_rx)));
-    let pods = node.enroll_all().await.context("starting up")?;
+    // A pod that cannot be enrolled waits for its retry; it never keeps the others (or the agent)
+    // from starting. Readiness says whether everything is enrolled.
+    let pods = node.enroll_all().await;
     // Before "ready": from then on a SIGTERM means a clean shutdown, never the default (fatal) action.
     let shutdown = ShutdownSignals::install()?;
     shared.events.emit(json!({
@@ -123,7 +150,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // The watcher holds a reference; wait until it is gone so dropping `node` unloads for real.
     let _ = watcher.await;
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(admin_task, metrics_task);
+    let _ = tokio::join!(admin_task, health_task, metrics_task);
     // The scrape hook holds a reference to the node state too.
     metrics.set_bpf_source(Arc::new(Vec::new));
     node.shutdown().await;
@@ -142,6 +169,7 @@ const RELOAD_POLL: Duration = Duration::from_millis(500);
 async fn watch_sources(mut sources: Sources, node: Arc<NodeState>) {
     loop {
         tokio::time::sleep(RELOAD_POLL).await;
+        node.retry_waiting().await;
         let current = node.shared.state();
         let Some(change) = sources.poll(&current.config) else { continue };
         drop(current);

@@ -13,6 +13,7 @@ pub mod introspect;
 pub mod memory;
 pub mod metrics;
 pub mod policy;
+pub mod privileges;
 pub mod proxy;
 pub mod reconcile;
 pub mod sources;

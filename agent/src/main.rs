@@ -30,6 +30,15 @@ enum Command {
         /// Serve Prometheus metrics here (in the node's network namespace).
         #[arg(long, default_value_t = ferry::metrics::DEFAULT_ADDR)]
         metrics_addr: std::net::SocketAddr,
+        /// Serve the kubelet's probes (`/healthz/ready`, `/healthz/live`) here.
+        #[arg(long, default_value_t = ferry::admin::health::DEFAULT_ADDR)]
+        health_addr: std::net::SocketAddr,
+        /// The host's /proc, where pods given by UID are found (with hostPID, /proc itself).
+        #[arg(long, default_value = "/proc")]
+        host_proc: PathBuf,
+        /// The host's cgroup2 root (default: the cgroup2 mount in /proc/self/mounts).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
     },
     /// Manage the embedded CA.
     #[command(subcommand)]
@@ -64,16 +73,21 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Client(cmd) => return ferry::cli::run(&cli.global, cmd, Cli::command).into(),
         // The log handle changes the filter at run time (`ferry log-level`); the daemon keeps it.
-        Command::Run { config, events, access_log, metrics_addr } => init_logging().and_then(|log| {
-            run_daemon(ferry::daemon::RunOptions {
-                config,
-                events,
-                access_log,
-                admin_socket: cli.global.admin_socket.clone(),
-                metrics_addr,
-                log: Some(log),
+        Command::Run { config, events, access_log, metrics_addr, health_addr, host_proc, cgroup_root } => {
+            init_logging().and_then(|log| {
+                run_daemon(ferry::daemon::RunOptions {
+                    config,
+                    events,
+                    access_log,
+                    admin_socket: cli.global.admin_socket.clone(),
+                    metrics_addr,
+                    health_addr,
+                    host_proc,
+                    cgroup_root,
+                    log: Some(log),
+                })
             })
-        }),
+        }
         Command::Ca(cmd) => init_logging().and_then(|_| run_ca(cmd)),
     };
     match result {

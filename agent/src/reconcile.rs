@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use serde_json::json;
@@ -12,7 +13,7 @@ use serde_json::json;
 use crate::{
     bpf::Datapath,
     config::Pod,
-    enroll::{EnrollError, Enrollment},
+    enroll::{EnrollError, Enrollment, discover::Host},
     proxy::{MeshState, ProxyShared, mtls::MtlsError},
     sources::Desired,
 };
@@ -26,9 +27,30 @@ pub enum ApplyError {
     /// Identities for new pods could not be issued.
     #[error("workload identities")]
     Identities(#[source] MtlsError),
-    /// A pod could not be enrolled (only fatal at start-up).
-    #[error("enrolling pods")]
-    Enroll(#[source] EnrollError),
+}
+
+/// First retry of a pod that failed to enroll; doubled per failure up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts at one pod.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A pod that should be enrolled and is not, yet.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    /// The last attempt's error.
+    pub reason: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// When the next attempt is due.
+    pub next: Instant,
+}
+
+impl Waiting {
+    fn after(previous: Option<&Waiting>, reason: String) -> Self {
+        let attempts = previous.map_or(1, |w| w.attempts.saturating_add(1));
+        let backoff = RETRY_FIRST.saturating_mul(1 << (attempts - 1).min(6)).min(RETRY_MAX);
+        Self { reason, attempts, next: Instant::now() + backoff }
+    }
 }
 
 /// What an apply changed.
@@ -55,16 +77,28 @@ pub struct NodeState {
     /// What the proxy tasks share.
     pub shared: Arc<ProxyShared>,
     enrolled: tokio::sync::Mutex<BTreeMap<String, (Pod, Enrollment)>>,
+    /// Pods that should be enrolled but failed, retried with backoff; one never blocks the others.
+    waiting: Mutex<BTreeMap<String, Waiting>>,
+    /// Where pods given by UID are looked for; `None` when the node's cgroup2 root is unknown.
+    host: Option<Host>,
 }
 
 impl NodeState {
-    /// Wraps freshly loaded programs (if any) and proxy state; nothing is enrolled yet.
-    pub fn new(datapath: Option<Datapath>, shared: Arc<ProxyShared>) -> Self {
-        Self { datapath: datapath.map(Mutex::new), shared, enrolled: Default::default() }
+    /// Wraps freshly loaded programs (if any), proxy state and where pods are found on the node;
+    /// nothing is enrolled yet.
+    pub fn new(datapath: Option<Datapath>, shared: Arc<ProxyShared>, host: Option<Host>) -> Self {
+        Self {
+            datapath: datapath.map(Mutex::new),
+            shared,
+            enrolled: Default::default(),
+            waiting: Default::default(),
+            host,
+        }
     }
 
-    /// Enrolls every local pod of the current config; any failure undoes everything and fails.
-    pub async fn enroll_all(&self) -> Result<usize, ApplyError> {
+    /// Enrolls every local pod of the current config; a pod that fails waits for its retry and
+    /// does not stop the others. Returns how many are enrolled.
+    pub async fn enroll_all(&self) -> usize {
         let config = self.shared.state().config.clone();
         let mut enrolled = self.enrolled.lock().await;
         for pod in config.local_pods() {
@@ -72,15 +106,56 @@ impl NodeState {
                 Ok(e) => {
                     enrolled.insert(pod.key(), (pod.clone(), e));
                 }
-                Err(err) => {
-                    for (_, (_, e)) in std::mem::take(&mut *enrolled) {
-                        e.unenroll();
-                    }
-                    return Err(ApplyError::Enroll(err));
-                }
+                Err(err) => self.wait(&pod.key(), &err),
             }
         }
-        Ok(enrolled.len())
+        enrolled.len()
+    }
+
+    /// Retries the waiting pods whose backoff has passed.
+    pub async fn retry_waiting(&self) {
+        let due: Vec<String> = {
+            let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            waiting.iter().filter(|(_, w)| w.next <= now).map(|(k, _)| k.clone()).collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let config = self.shared.state().config.clone();
+        let mut enrolled = self.enrolled.lock().await;
+        for key in due {
+            let Some(pod) = config.local_pods().find(|p| p.key() == key) else {
+                self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                continue;
+            };
+            if enrolled.contains_key(&key) {
+                continue;
+            }
+            match self.enroll(pod).await {
+                Ok(e) => {
+                    enrolled.insert(key, (pod.clone(), e));
+                }
+                Err(err) => self.wait(&key, &err),
+            }
+        }
+    }
+
+    /// The pods that should be enrolled and are not, with why.
+    pub fn waiting(&self) -> BTreeMap<String, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a failed enrollment of `key` and schedules its retry.
+    fn wait(&self, key: &str, err: &EnrollError) {
+        let reason = error_chain(err);
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let next = Waiting::after(waiting.get(key), reason.clone());
+        tracing::warn!(pod = %key, attempt = next.attempts, error = %reason, "pod not enrolled; retrying");
+        self.shared.events.emit(json!({
+            "event": "enroll_failed", "pod": key, "error": reason, "attempt": next.attempts,
+        }));
+        waiting.insert(key.to_owned(), next);
     }
 
     /// Applies a new, already validated desired state (mesh and policies). Pods whose entry is
@@ -136,9 +211,16 @@ impl NodeState {
                     }
                     enrolled.insert(key, (pod, e));
                 }
-                Err(err) => report.failed.push((key, format!("{:#}", anyhow::Error::new(err)))),
+                Err(err) => {
+                    report.failed.push((key.clone(), error_chain(&err)));
+                    // A changed entry gets its first retry on the normal schedule.
+                    self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                    self.wait(&key, &err);
+                }
             }
         }
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.retain(|key, _| !enrolled.contains_key(key) && config_has(&self.shared, key));
         Ok(report)
     }
 
@@ -156,12 +238,50 @@ impl NodeState {
     }
 
     async fn enroll(&self, pod: &Pod) -> Result<Enrollment, EnrollError> {
-        let e = Enrollment::enroll(pod, self.datapath.as_ref(), self.shared.clone()).await?;
+        let e =
+            Enrollment::enroll(pod, self.datapath.as_ref(), self.shared.clone(), self.host.as_ref()).await?;
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&e.key);
         tracing::info!(pod = %e.key, "enrolled");
         self.shared.events.emit(json!({
             "event": "enrolled", "pod": e.key, "cgroup": e.cgroup, "netns_cookie": e.netns_cookie(),
             "links": e.link_ids().iter().map(|(p, id)| json!({"program": p, "id": id})).collect::<Vec<_>>(),
         }));
         Ok(e)
+    }
+}
+
+/// An error and its causes on one line.
+fn error_chain(err: &EnrollError) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether the current config still has local pod `key`.
+fn config_has(shared: &ProxyShared, key: &str) -> bool {
+    shared.state().config.local_pods().any(|p| p.key() == key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_one_second_to_a_minute() {
+        let mut w: Option<Waiting> = None;
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            let before = Instant::now();
+            let next = Waiting::after(w.as_ref(), "no netns".into());
+            waits.push((next.next - before).as_secs());
+            w = Some(next);
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(w.map(|w| w.attempts), Some(9));
     }
 }

@@ -1,4 +1,5 @@
-//! Agent lifecycle: shutdown detaches every program and link and closes every listener.
+//! Agent lifecycle: shutdown detaches every program and link and closes every listener; a pod that
+//! cannot be enrolled waits for its retry without holding up the others, and health says so.
 
 mod common;
 
@@ -6,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ferry_tests::{Agent, MeshFile};
 
 /// Ids of loaded programs or links, from bpftool's JSON output.
 fn bpf_ids(kind: &str) -> Vec<u64> {
@@ -141,4 +143,54 @@ fn agent_crash_leaves_pod_networking_working() {
         after["local_addrs"][0].as_str().unwrap().starts_with(&format!("{}:", s.client.ipv4())),
         "and does so directly: {after}"
     );
+}
+
+/// GET `path` on the agent's health endpoint (127.0.0.1:15021 in the node's netns): the status.
+fn health(node: &ferry_tests::SimNode, path: &str) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let path = path.to_owned();
+    ferry_tests::netns::in_netns(node.netns_path(), move || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:15021").expect("health endpoint");
+        write!(s, "GET {path} HTTP/1.1\r\nhost: node\r\nconnection: close\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    })
+    .unwrap()
+}
+
+#[test]
+fn unenrollable_pod_does_not_block_others() {
+    let pods = ScenarioPods::start("unb").unwrap();
+    // server-1's cgroup directory does not exist yet: it cannot be enrolled until it does.
+    let late = pods.node.cgroup_root().join("late");
+    let mut mesh = MeshFile::new("node-a");
+    mesh.pod(&pods.client, NAMESPACE, "client");
+    mesh.pod(&pods.servers[0], NAMESPACE, SERVICE).cgroup(&late);
+    mesh.pod(&pods.servers[1], NAMESPACE, SERVICE);
+    let agent = Agent::start(&pods.node, &mesh.to_toml()).expect("the agent starts anyway");
+    assert_eq!(health(&pods.node, "/healthz/live"), 200);
+    assert_eq!(health(&pods.node, "/healthz/ready"), 503, "not every pod is enrolled");
+    let w = agent.workload("server-1").unwrap();
+    assert_eq!(w["enrolled"], false, "{w}");
+    let why = w["waiting"].as_str().unwrap_or_default();
+    assert!(why.contains("cgroup"), "ferry workloads says why it waits: {w}");
+    // The others serve meanwhile.
+    let r =
+        connect(&pods.client, &sock(pods.servers[1].ipv4().into(), SERVER_PORT), &["--bytes", "32"]).unwrap();
+    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(agent.workload("server-2").unwrap()["enrolled"], true);
+    // Once the cgroup exists, a retry enrolls the pod and the node turns ready.
+    ferry_tests::cgroup::create(&late).unwrap();
+    agent
+        .wait_for_event(|e| e["event"] == "enrolled" && e["pod"] == "demo/server-1", Duration::from_secs(20))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&pods.node, "/healthz/ready") != 200 {
+        assert!(Instant::now() < deadline, "never ready: {:?}", agent.workload("server-1"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.workload("server-1").unwrap()["waiting"].is_null());
+    let failed = events_of(&agent, "enroll_failed");
+    assert!(!failed.is_empty() && failed.iter().all(|e| e["pod"] == "demo/server-1"), "{failed:?}");
 }

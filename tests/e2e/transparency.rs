@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use common::*;
-use ferry_tests::{Agent, ChildGuard, MeshFile, Pod, bin_path};
+use ferry_tests::{Agent, ChildGuard, MeshFile, Pod};
 use serde_json::Value;
 
 /// A second address on server-1's interface, in the pods' subnet but in no config.
@@ -73,20 +73,8 @@ fn routes_of_table(pod: &Pod, table: &str) -> String {
     out
 }
 
-/// `ferry workloads -o json` of the agent.
-fn workloads(agent: &Agent) -> Vec<Value> {
-    let out = Command::new(bin_path("ferry"))
-        .arg("--admin-socket")
-        .arg(agent.admin_socket())
-        .args(["workloads", "-o", "json"])
-        .output()
-        .expect("running ferry");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("workloads JSON")
-}
-
 fn workload(agent: &Agent, name: &str) -> Value {
-    workloads(agent).into_iter().find(|w| w["name"] == name).unwrap_or_else(|| panic!("no workload {name}"))
+    agent.workload(name).unwrap()
 }
 
 /// Waits until `name`'s steered addresses include `ip`.

@@ -113,6 +113,31 @@ impl Agent {
         self.dir.path().join("admin.sock")
     }
 
+    /// Runs the `ferry` CLI against this agent with `-o json` and parses what it prints; an error
+    /// (with its stderr) when it fails.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let out = Command::new(bin_path("ferry"))
+            .arg("--admin-socket")
+            .arg(self.admin_socket())
+            .args(["-o", "json"])
+            .args(args)
+            .env_remove("FERRY_ADMIN_SOCKET")
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run the ferry CLI")?;
+        if !out.status.success() {
+            bail!("ferry {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("ferry {args:?} printed no JSON"))
+    }
+
+    /// The `ferry workloads` entry of pod `name`.
+    pub fn workload(&self, name: &str) -> Result<Value> {
+        let list = self.cli_json(&["workloads"])?;
+        let found = list.as_array().into_iter().flatten().find(|w| w["name"] == name).cloned();
+        found.with_context(|| format!("no workload {name} in {list}"))
+    }
+
     /// The access log's lines (DIR/access.log), parsed.
     pub fn access_log(&self) -> Vec<Value> {
         std::fs::read_to_string(self.dir.path().join("access.log"))

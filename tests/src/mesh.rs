@@ -59,8 +59,12 @@ pub struct PodEntry {
     service_account: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     node: Option<String>,
-    netns: String,
-    cgroup: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<String>,
     ips: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     mode: Option<String>,
@@ -140,8 +144,9 @@ impl MeshFile {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
             node: None,
-            netns: pod.netns_path().display().to_string(),
-            cgroup: pod.cgroup_path().display().to_string(),
+            netns: Some(pod.netns_path().display().to_string()),
+            cgroup: Some(pod.cgroup_path().display().to_string()),
+            uid: None,
             ips: vec![pod.ipv4().to_string(), pod.ipv6().to_string()],
             mode: None,
             ports: Vec::new(),
@@ -239,6 +244,18 @@ impl PodEntry {
         self
     }
 
+    /// Sets the pod's cgroup directory (say, one that does not exist yet).
+    pub fn cgroup(&mut self, path: &Path) -> &mut Self {
+        self.cgroup = Some(path.display().to_string());
+        self
+    }
+
+    /// Gives the pod by its Kubernetes UID instead of its netns and cgroup: the agent finds them.
+    pub fn uid(&mut self, uid: &str) -> &mut Self {
+        (self.netns, self.cgroup, self.uid) = (None, None, Some(uid.to_owned()));
+        self
+    }
+
     /// Replaces the IPs (for example to list only the IPv4 address).
     pub fn ips(&mut self, ips: &[&str]) -> &mut Self {
         self.ips = ips.iter().map(|ip| ip.to_string()).collect();
@@ -256,8 +273,9 @@ mod tests {
             namespace: "demo".into(),
             service_account: name.into(),
             node: None,
-            netns: format!("/var/run/netns/{name}"),
-            cgroup: format!("/sys/fs/cgroup/x/{name}"),
+            netns: Some(format!("/var/run/netns/{name}")),
+            cgroup: Some(format!("/sys/fs/cgroup/x/{name}")),
+            uid: None,
             ips: ips.iter().map(|s| s.to_string()).collect(),
             mode: None,
             ports: Vec::new(),

@@ -86,6 +86,14 @@ impl Pod {
         cmd
     }
 
+    /// A command that runs `program` in the pod's network namespace and in cgroup `dir` instead of
+    /// the pod's own (a container cgroup laid out as the kubelet lays them out, say).
+    pub fn command_in_cgroup(&self, program: impl AsRef<OsStr>, dir: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        process::enter_on_exec(&mut cmd, &self.inner.netns_path, Some(dir));
+        cmd
+    }
+
     /// A command that runs `program` in the pod's network namespace only, outside its cgroup: a
     /// process that cgroup programs attached to the pod do not see (a "not enrolled" peer).
     pub fn netns_command(&self, program: impl AsRef<OsStr>) -> Command {

@@ -18,9 +18,12 @@
 //! | `/policies` | array of [`model::PolicyView`] (500 when the policies failed to load at start) |
 //! | `/trace?src=SOURCE&dest=DEST` | [`model::TraceView`]; SOURCE is `NS/NAME`, `spiffe://...` or an IP, DEST is `IP:PORT` or `NS/NAME:PORT` (`pod=` is the old name of `src=`) |
 //!
+//! The kubelet's probes have their own TCP endpoint, [`health`] (`/healthz/ready`, `/healthz/live`).
+//!
 //! Errors are `{"error": "message"}` with 400 (bad parameters), 404 (unknown path or pod),
 //! 405 (wrong method), 500 (the daemon failed) or 503 (not ready).
 
+pub mod health;
 pub(crate) mod httpd;
 pub mod log_level;
 pub mod model;

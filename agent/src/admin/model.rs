@@ -112,6 +112,9 @@ pub struct WorkloadView {
     /// The pod's cgroup directory.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// The pod's Kubernetes UID, when it is found on the node by UID.
+    #[serde(default)]
+    pub uid: Option<String>,
     /// Every address whose inbound SYNs are steered to the proxy: the listed ones and any other
     /// the pod's netns has (empty when not enrolled, or with iptables capture).
     #[serde(default)]
@@ -126,6 +129,10 @@ pub struct WorkloadView {
     /// Why the app sees loopback, when it does.
     #[serde(default)]
     pub app_source_note: Option<String>,
+    /// Why a pod that should be enrolled is not (yet): the last attempt's error; retried with
+    /// backoff.
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 /// One element of `GET /services` (a JSON array).

@@ -72,10 +72,12 @@ impl AdminState for FakeState {
                 enrolled: true,
                 netns: Some("/var/run/netns/client".into()),
                 cgroup: None,
+                uid: None,
                 steered_ips: vec!["10.0.0.5".parse().expect("ip"), "10.0.0.99".parse().expect("ip")],
                 unsteered: vec![],
                 app_source: Some("client".into()),
                 app_source_note: None,
+                waiting: None,
             },
             WorkloadView {
                 namespace: "default".into(),
@@ -87,10 +89,12 @@ impl AdminState for FakeState {
                 enrolled: false,
                 netns: None,
                 cgroup: None,
+                uid: None,
                 steered_ips: vec![],
                 unsteered: vec![],
                 app_source: None,
                 app_source_note: None,
+                waiting: None,
             },
         ]
     }

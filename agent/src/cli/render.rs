@@ -50,6 +50,8 @@ pub fn workloads(list: &[WorkloadView]) -> Table {
         let programs: Vec<&str> = w.programs.iter().map(|p| p.strip_prefix("ferry_").unwrap_or(p)).collect();
         let programs = if w.enrolled || !programs.is_empty() {
             join_or_dash(&programs)
+        } else if let Some(why) = &w.waiting {
+            format!("waiting: {why}")
         } else {
             "not enrolled".to_owned()
         };

@@ -240,10 +240,13 @@ pub struct Pod {
     pub service_account: String,
     /// The node it runs on.
     pub node: String,
-    /// Its network namespace file; always present for local pods.
+    /// Its network namespace file; present for local pods, unless `uid` is.
     pub netns: Option<PathBuf>,
-    /// Its cgroup v2 directory; always present for local pods when capture is eBPF.
+    /// Its cgroup v2 directory; present for local pods when capture is eBPF, unless `uid` is.
     pub cgroup: Option<PathBuf>,
+    /// Its Kubernetes UID: a local pod given by UID has its netns and cgroup found on the node
+    /// (from /proc and the cgroup2 mount) when it is enrolled.
+    pub uid: Option<String>,
     /// Its IPv4 address, if it has one.
     pub ipv4: Option<Ipv4Addr>,
     /// Its IPv6 address, if it has one.

@@ -76,6 +76,7 @@ pub(super) struct RawPod {
     pub node: Option<String>,
     pub netns: Option<String>,
     pub cgroup: Option<String>,
+    pub uid: Option<String>,
     pub ips: Vec<String>,
     pub mode: Option<String>,
     #[serde(default)]

@@ -247,9 +247,23 @@ fn pod(
     let node = raw.node.unwrap_or_else(|| this_node.to_owned());
     names::dns_subdomain(&node).map_err(|m| ConfigError::invalid(field("node"), m))?;
     let local = node == this_node;
-    let netns = host_path(&field("netns"), raw.netns, local, this_node)?;
+    // A pod given by UID is found on the node at enrollment: its paths are discovered, not given.
+    if let Some(uid) = &raw.uid {
+        if !crate::enroll::discover::is_uid(uid) {
+            let msg = format!("{uid:?} is not a Kubernetes UID (8-4-4-4-12 hex digits)");
+            return Err(ConfigError::invalid(field("uid"), msg));
+        }
+        for (name, given) in [("netns", raw.netns.is_some()), ("cgroup", raw.cgroup.is_some())] {
+            if given {
+                let msg = "give either the pod's uid (found on the node) or its netns and cgroup, not both";
+                return Err(ConfigError::invalid(field(name), msg));
+            }
+        }
+    }
+    let by_uid = raw.uid.is_some();
+    let netns = host_path(&field("netns"), raw.netns, local && !by_uid, this_node)?;
     // Only the eBPF programs attach to the cgroup; iptables capture lives in the netns.
-    let cgroup_needed = local && capture == CaptureMode::Ebpf;
+    let cgroup_needed = local && !by_uid && capture == CaptureMode::Ebpf;
     let cgroup = host_path(&field("cgroup"), raw.cgroup, cgroup_needed, this_node)?;
 
     if raw.ips.is_empty() {
@@ -306,6 +320,7 @@ fn pod(
         node,
         netns,
         cgroup,
+        uid: raw.uid.map(|u| u.to_ascii_lowercase()),
         ipv4,
         ipv6,
         mode,

@@ -9,6 +9,7 @@
 //! destination to the pod's own address.
 
 pub mod addresses;
+pub mod discover;
 pub mod netlink;
 pub mod netns;
 pub mod transparent;
@@ -29,6 +30,7 @@ use crate::{
     },
 };
 use addresses::{AddressWatch, Steered, WatchError};
+use discover::{DiscoveryError, Host};
 use netns::{NetnsError, PodNetns};
 
 /// Why a pod could not be enrolled.
@@ -37,6 +39,14 @@ pub enum EnrollError {
     /// The pod has no netns or cgroup path (it is not local to this node).
     #[error("pod {0} has no {1} path")]
     MissingPath(String, &'static str),
+    /// The pod, given by UID, was not found on the node.
+    #[error("pod {pod}: finding it on the node")]
+    Discovery {
+        /// "namespace/name".
+        pod: String,
+        /// The cause.
+        source: DiscoveryError,
+    },
     /// The netns could not be entered.
     #[error("pod {pod}")]
     Netns {
@@ -104,19 +114,37 @@ pub struct Enrollment {
 
 impl Enrollment {
     /// Enrolls `pod`: in-pod listeners, then (with a `datapath`, that is eBPF capture) sk_lookup
-    /// entries and cgroup and netns programs.
+    /// entries and cgroup and netns programs. A pod given by UID is first found on `host`.
     pub async fn enroll(
         pod: &Pod,
         datapath: Option<&Mutex<Datapath>>,
         shared: Arc<ProxyShared>,
+        host: Option<&Host>,
     ) -> Result<Self, EnrollError> {
         let key = pod.key();
-        let netns_path = pod.netns.clone().ok_or_else(|| EnrollError::MissingPath(key.clone(), "netns"))?;
-        let cgroup = match datapath {
-            Some(_) => {
+        // A pod given by UID is found on the node now; one that is not running yet fails here and
+        // is retried.
+        let located = match (&pod.uid, &pod.netns) {
+            (Some(uid), None) => {
+                let ips: Vec<IpAddr> = pod.ips().collect();
+                let discovery = |source| EnrollError::Discovery { pod: key.clone(), source };
+                let host =
+                    host.ok_or_else(|| discovery(DiscoveryError::NoCgroup2("/proc/self/mounts".into())))?;
+                let found = host.locate(uid, &ips).map_err(discovery)?;
+                Some(found)
+            }
+            _ => None,
+        };
+        let netns_path = match &located {
+            Some(found) => found.netns.clone(),
+            None => pod.netns.clone().ok_or_else(|| EnrollError::MissingPath(key.clone(), "netns"))?,
+        };
+        let cgroup = match (datapath, &located) {
+            (Some(_), Some(found)) => Some(found.cgroup.clone()),
+            (Some(_), None) => {
                 Some(pod.cgroup.clone().ok_or_else(|| EnrollError::MissingPath(key.clone(), "cgroup"))?)
             }
-            None => None,
+            (None, _) => None,
         };
         let cgroup_id = match &cgroup {
             Some(dir) => Some(std::os::unix::fs::MetadataExt::ino(
@@ -264,6 +292,11 @@ impl Enrollment {
     /// Whether the pod's app sees its clients' real addresses; otherwise why not.
     pub fn source_note(&self) -> Option<&str> {
         self.context.source_note.as_deref()
+    }
+
+    /// The pod's netns file (given, or found from its UID).
+    pub fn netns_path(&self) -> &std::path::Path {
+        self.context.netns.path()
     }
 
     /// The pod's netns cookie.

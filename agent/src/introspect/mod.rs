@@ -93,6 +93,7 @@ impl AdminState for Introspect {
     fn workloads(&self) -> Vec<WorkloadView> {
         let state = self.node.shared.state();
         let mtls = self.node.shared.mtls.as_ref();
+        let waiting = self.node.waiting();
         self.node.with_enrolled_blocking(|enrolled| {
             state
                 .config
@@ -109,8 +110,16 @@ impl AdminState for Introspect {
                             .map(|e| e.link_ids().iter().map(|(p, _)| p.to_string()).collect())
                             .unwrap_or_default(),
                         enrolled: e.is_some(),
-                        netns: pod.netns.as_ref().map(|p| p.display().to_string()),
-                        cgroup: pod.cgroup.as_ref().map(|p| p.display().to_string()),
+                        // Where the agent found it, for a pod given by UID.
+                        netns: e
+                            .map(|e| e.netns_path().to_path_buf())
+                            .or_else(|| pod.netns.clone())
+                            .map(|p| p.display().to_string()),
+                        cgroup: e
+                            .and_then(|e| e.cgroup.clone())
+                            .or_else(|| pod.cgroup.clone())
+                            .map(|p| p.display().to_string()),
+                        uid: pod.uid.clone(),
                         steered_ips: e.map(|e| e.steered().ips.into_iter().collect()).unwrap_or_default(),
                         unsteered: e
                             .map(|e| {
@@ -124,6 +133,9 @@ impl AdminState for Introspect {
                         app_source: e
                             .map(|e| if e.source_note().is_none() { "client" } else { "loopback" }.into()),
                         app_source_note: e.and_then(|e| e.source_note().map(str::to_owned)),
+                        waiting: waiting
+                            .get(&pod.key())
+                            .map(|w| format!("attempt {} failed: {}", w.attempts, w.reason)),
                     }
                 })
                 .collect()
