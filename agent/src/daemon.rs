@@ -16,6 +16,7 @@ use crate::{
     enroll::discover::Host,
     events::EventSink,
     introspect::Introspect,
+    kubernetes::KubeSource,
     metrics::{BuildInfo, Metrics, MetricsServer},
     proxy::{MeshState, ProxyPorts, ProxyShared, Sinks, mtls::Mtls, orig_dst::OrigDst},
     reconcile::NodeState,
@@ -41,6 +42,11 @@ pub struct RunOptions {
     pub host_proc: PathBuf,
     /// The host's cgroup2 root; `None`: the cgroup2 mount in the agent's /proc/self/mounts.
     pub cgroup_root: Option<PathBuf>,
+    /// Follow the Kubernetes API (pods, services, Istio's policies) instead of the mesh file's
+    /// pods and services; `config` is then the settings file.
+    pub kubernetes: bool,
+    /// This node's name (with `kubernetes`: the pods it enrolls are those scheduled here).
+    pub node: Option<String>,
     /// Changes the log filter at run time (`ferry log-level`).
     pub log: Option<LogControl>,
 }
@@ -49,7 +55,18 @@ pub struct RunOptions {
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // An invalid mesh file stops us here, before anything touches the kernel. Invalid policies do
     // not: the node starts denying every inbound connection until they are fixed (fail closed).
-    let Initial { sources, config, policies } = Sources::load(&opts.config).context("invalid mesh file")?;
+    let (feed, config, policies) = if opts.kubernetes {
+        let node =
+            opts.node.clone().context("--kubernetes needs --node (the DaemonSet passes spec.nodeName)")?;
+        let source =
+            KubeSource::start(&opts.config, &node).await.context("starting the Kubernetes source")?;
+        let config = source.initial().context("invalid settings file")?;
+        (Feed::Kubernetes(Box::new(source)), config, Ok(Vec::new()))
+    } else {
+        let Initial { sources, config, policies } =
+            Sources::load(&opts.config).context("invalid mesh file")?;
+        (Feed::File(sources), config, policies)
+    };
     if let Some(effective) = crate::privileges::effective() {
         for cap in crate::privileges::missing(effective) {
             tracing::warn!(
@@ -119,6 +136,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     };
     let node = Arc::new(NodeState::new(datapath, shared.clone(), host));
+    if matches!(feed, Feed::Kubernetes(_)) {
+        // Not ready until the caches have been listed and applied once.
+        node.set_synced(false);
+    }
     let counter_node = node.clone();
     metrics.set_bpf_source(Arc::new(move || Introspect::bpf_redirects(&counter_node)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -143,7 +164,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // free now but that the allocator would otherwise keep for the agent's whole life.
     crate::memory::release_free_heap();
 
-    let watcher = tokio::spawn(watch_sources(sources, node.clone()));
+    let watcher = tokio::spawn(watch(feed, node.clone()));
     shutdown.wait().await;
     tracing::info!("shutting down");
     watcher.abort();
@@ -160,9 +181,70 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often the mesh file and the policy files are checked for changes. Polling (rather than
-/// inotify) also sees files replaced by rename, as editors and Kubernetes ConfigMap updates do.
+/// How often the mesh file and the policy files are checked for changes (and waiting pods
+/// retried). Polling (rather than inotify) also sees files replaced by rename, as editors and
+/// Kubernetes ConfigMap updates do.
 const RELOAD_POLL: Duration = Duration::from_millis(500);
+
+/// Where the desired state comes from.
+enum Feed {
+    /// The mesh file and its policy files.
+    File(Sources),
+    /// The Kubernetes API (boxed: its caches are large next to a file's bookkeeping).
+    Kubernetes(Box<KubeSource>),
+}
+
+async fn watch(feed: Feed, node: Arc<NodeState>) {
+    match feed {
+        Feed::File(sources) => watch_sources(sources, node).await,
+        Feed::Kubernetes(source) => watch_kubernetes(*source, node).await,
+    }
+}
+
+/// Applies each desired state the Kubernetes source makes, through the same apply as the file's;
+/// waiting pods are retried on their own schedule meanwhile.
+async fn watch_kubernetes(mut source: KubeSource, node: Arc<NodeState>) {
+    let retry = async {
+        loop {
+            tokio::time::sleep(RELOAD_POLL).await;
+            node.retry_waiting().await;
+        }
+    };
+    let apply = async {
+        loop {
+            let (desired, left) = source.next().await;
+            for (pod, why) in &left {
+                tracing::debug!(%pod, ?why, "pod on this node not in the mesh");
+            }
+            let result = match desired {
+                Ok(desired) => node.apply(desired).await.map_err(anyhow::Error::new),
+                Err(e) => Err(anyhow::Error::new(e)),
+            };
+            report_apply(&node, result);
+            if !node.synced() {
+                node.set_synced(true);
+                node.shared.events.emit(json!({ "event": "synced", "source": "kubernetes" }));
+            }
+        }
+    };
+    tokio::join!(retry, apply);
+}
+
+/// Logs and records the outcome of one apply.
+fn report_apply(node: &NodeState, result: anyhow::Result<crate::reconcile::ApplyReport>) {
+    let events = &node.shared.events;
+    match result {
+        Ok(report) => {
+            tracing::info!(?report, "configuration applied");
+            events.emit(json!({ "event": "reloaded", "report": report }));
+        }
+        Err(e) => {
+            let error = format!("{e:#}");
+            tracing::error!(%error, "change rejected; keeping the running config and policies");
+            events.emit(json!({ "event": "reload_rejected", "error": error }));
+        }
+    }
+}
 
 /// Applies valid changes of the mesh file or of any policy file it names; an invalid change is
 /// rejected whole and the running config and policies are kept.
@@ -173,23 +255,14 @@ async fn watch_sources(mut sources: Sources, node: Arc<NodeState>) {
         let current = node.shared.state();
         let Some(change) = sources.poll(&current.config) else { continue };
         drop(current);
-        let events = &node.shared.events;
         let result = match change {
             Ok(desired) => node.apply(desired).await.map_err(anyhow::Error::new),
             Err(e) => Err(anyhow::Error::new(e)),
         };
-        match result {
-            Ok(report) => {
-                sources.commit();
-                tracing::info!(?report, "configuration reloaded");
-                events.emit(json!({ "event": "reloaded", "report": report }));
-            }
-            Err(e) => {
-                let error = format!("{e:#}");
-                tracing::error!(%error, "change rejected; keeping the running config and policies");
-                events.emit(json!({ "event": "reload_rejected", "error": error }));
-            }
+        if result.is_ok() {
+            sources.commit();
         }
+        report_apply(&node, result);
     }
 }
 

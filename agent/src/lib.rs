@@ -10,6 +10,7 @@ pub mod hbone;
 pub mod http;
 pub mod identity;
 pub mod introspect;
+pub mod kubernetes;
 pub mod memory;
 pub mod metrics;
 pub mod policy;

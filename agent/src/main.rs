@@ -39,6 +39,13 @@ enum Command {
         /// The host's cgroup2 root (default: the cgroup2 mount in /proc/self/mounts).
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
+        /// Follow the Kubernetes API (in-cluster service account, else KUBECONFIG): pods, services
+        /// and Istio's policies come from the cluster; --config is the settings file.
+        #[arg(long, requires = "node")]
+        kubernetes: bool,
+        /// This node's name (the DaemonSet passes spec.nodeName).
+        #[arg(long, env = "FERRY_NODE")]
+        node: Option<String>,
     },
     /// Manage the embedded CA.
     #[command(subcommand)]
@@ -73,21 +80,31 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Client(cmd) => return ferry::cli::run(&cli.global, cmd, Cli::command).into(),
         // The log handle changes the filter at run time (`ferry log-level`); the daemon keeps it.
-        Command::Run { config, events, access_log, metrics_addr, health_addr, host_proc, cgroup_root } => {
-            init_logging().and_then(|log| {
-                run_daemon(ferry::daemon::RunOptions {
-                    config,
-                    events,
-                    access_log,
-                    admin_socket: cli.global.admin_socket.clone(),
-                    metrics_addr,
-                    health_addr,
-                    host_proc,
-                    cgroup_root,
-                    log: Some(log),
-                })
+        Command::Run {
+            config,
+            events,
+            access_log,
+            metrics_addr,
+            health_addr,
+            host_proc,
+            cgroup_root,
+            kubernetes,
+            node,
+        } => init_logging().and_then(|log| {
+            run_daemon(ferry::daemon::RunOptions {
+                config,
+                events,
+                access_log,
+                admin_socket: cli.global.admin_socket.clone(),
+                metrics_addr,
+                health_addr,
+                host_proc,
+                cgroup_root,
+                kubernetes,
+                node,
+                log: Some(log),
             })
-        }
+        }),
         Command::Ca(cmd) => init_logging().and_then(|_| run_ca(cmd)),
     };
     match result {

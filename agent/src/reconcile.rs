@@ -81,6 +81,8 @@ pub struct NodeState {
     waiting: Mutex<BTreeMap<String, Waiting>>,
     /// Where pods given by UID are looked for; `None` when the node's cgroup2 root is unknown.
     host: Option<Host>,
+    /// Whether the source has delivered its state once (the Kubernetes caches are listed).
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl NodeState {
@@ -93,7 +95,18 @@ impl NodeState {
             enrolled: Default::default(),
             waiting: Default::default(),
             host,
+            synced: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// Whether the source has delivered its state once; readiness waits for it.
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records whether the source has delivered its state once.
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, std::sync::atomic::Ordering::Release);
     }
 
     /// Enrolls every local pod of the current config; a pod that fails waits for its retry and

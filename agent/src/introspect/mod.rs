@@ -299,6 +299,9 @@ impl AdminState for Introspect {
     }
 
     fn ready(&self) -> bool {
+        if !self.node.synced() {
+            return false;
+        }
         let state = self.node.shared.state();
         let wanted = state.config.local_pods().count();
         self.node.with_enrolled_blocking(|e| e.len() == wanted)
