@@ -61,11 +61,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         let source =
             KubeSource::start(&opts.config, &node).await.context("starting the Kubernetes source")?;
         let config = source.initial().context("invalid settings file")?;
-        (Feed::Kubernetes(Box::new(source)), config, Ok(Vec::new()))
+        (Feed::Kubernetes(source), config, Ok(Vec::new()))
     } else {
         let Initial { sources, config, policies } =
             Sources::load(&opts.config).context("invalid mesh file")?;
-        (Feed::File(sources), config, policies)
+        (Feed::File(Box::new(sources)), config, policies)
     };
     if let Some(effective) = crate::privileges::effective() {
         for cap in crate::privileges::missing(effective) {
@@ -188,16 +188,16 @@ const RELOAD_POLL: Duration = Duration::from_millis(500);
 
 /// Where the desired state comes from.
 enum Feed {
-    /// The mesh file and its policy files.
-    File(Sources),
-    /// The Kubernetes API (boxed: its caches are large next to a file's bookkeeping).
-    Kubernetes(Box<KubeSource>),
+    /// The mesh file and its policy files (boxed: the file's bookkeeping is the larger).
+    File(Box<Sources>),
+    /// The Kubernetes API.
+    Kubernetes(KubeSource),
 }
 
 async fn watch(feed: Feed, node: Arc<NodeState>) {
     match feed {
-        Feed::File(sources) => watch_sources(sources, node).await,
-        Feed::Kubernetes(source) => watch_kubernetes(*source, node).await,
+        Feed::File(sources) => watch_sources(*sources, node).await,
+        Feed::Kubernetes(source) => watch_kubernetes(source, node).await,
     }
 }
 

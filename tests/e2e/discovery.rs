@@ -15,6 +15,8 @@ use serde_json::Value;
 
 const UID_SYSTEMD: &str = "5a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 const UID_CGROUPFS: &str = "0f9e8d7c-6b5a-4948-8372-6150a4b3c2d1";
+/// The agent looks for a UID among all of the machine's processes: each test has its own.
+const UID_WRONG_NETNS: &str = "7e6d5c4b-3a29-4817-a6b5-c4d3e2f1a0b9";
 
 /// Makes `dirs` (each inside the previous) under `root` and returns the innermost.
 fn cgroup_chain(root: &Path, dirs: &[String]) -> PathBuf {
@@ -105,11 +107,12 @@ fn netns_and_cgroup_are_discovered_for_systemd_and_cgroupfs_layouts() {
 fn a_pod_whose_netns_lacks_its_ip_is_not_enrolled() {
     let pods = ScenarioPods::start("discip").unwrap();
     let root = pods.node.cgroup_root().to_path_buf();
-    let leaf = cgroup_chain(&root, &["kubepods".to_owned(), format!("pod{UID_CGROUPFS}"), "c1".to_owned()]);
+    let leaf =
+        cgroup_chain(&root, &["kubepods".to_owned(), format!("pod{UID_WRONG_NETNS}"), "c1".to_owned()]);
     // The process runs in server-1's netns, but the mesh file says the pod has server-2's IPs.
     let _sandbox = sandbox(&pods.servers[0], &leaf);
     let mut mesh = MeshFile::new("node-a");
-    mesh.pod(&pods.servers[1], NAMESPACE, SERVICE).uid(UID_CGROUPFS);
+    mesh.pod(&pods.servers[1], NAMESPACE, SERVICE).uid(UID_WRONG_NETNS);
     let agent = Agent::start(&pods.node, &mesh.to_toml()).unwrap();
     let w = agent.workload("server-2").unwrap();
     assert_eq!(w["enrolled"], false, "{w}");

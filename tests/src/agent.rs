@@ -42,6 +42,22 @@ impl Agent {
         Self::launch(node.command(program), mesh_toml, |cmd| node.spawn(cmd), &what, true)
     }
 
+    /// `ferry run --kubernetes --node NODE_NAME` in `node`'s netns with `settings_toml` as its settings
+    /// file and `KUBECONFIG=kubeconfig`; waits for `ready` (the agent's start, before its first
+    /// sync; wait for the `synced` event for that).
+    pub fn start_kubernetes(
+        node: &SimNode,
+        settings_toml: &str,
+        kubeconfig: &Path,
+        node_name: &str,
+    ) -> Result<Agent> {
+        let mut cmd = node.command(bin_path("ferry"));
+        cmd.env("KUBECONFIG", kubeconfig).env_remove("FERRY_NODE");
+        let what = format!("Kubernetes agent on node {}", node.name());
+        let extra = ["--kubernetes".to_owned(), format!("--node={node_name}")];
+        Self::launch_with(cmd, settings_toml, |cmd| node.spawn(cmd), &what, true, &extra)
+    }
+
     /// [`Agent::start`] as operators run it by default, without an access log (the bench: the
     /// sidecars it is compared with log nothing either). The events file is still written.
     pub fn start_without_access_log(node: &SimNode, mesh_toml: &str) -> Result<Agent> {
@@ -62,11 +78,23 @@ impl Agent {
 
     /// Runs `cmd` as `ferry run` with a fresh directory of files and waits for readiness.
     fn launch(
+        cmd: Command,
+        mesh_toml: &str,
+        spawn: impl FnOnce(Command) -> Result<ChildGuard>,
+        what: &str,
+        access_log: bool,
+    ) -> Result<Agent> {
+        Self::launch_with(cmd, mesh_toml, spawn, what, access_log, &[])
+    }
+
+    /// [`Agent::launch`] with `extra` arguments to `ferry run`.
+    fn launch_with(
         mut cmd: Command,
         mesh_toml: &str,
         spawn: impl FnOnce(Command) -> Result<ChildGuard>,
         what: &str,
         access_log: bool,
+        extra: &[String],
     ) -> Result<Agent> {
         let dir =
             tempfile::Builder::new().prefix("ferry-agent-").tempdir().context("cannot create a temp dir")?;
@@ -91,6 +119,7 @@ impl Agent {
         if access_log {
             cmd.arg("--access-log").arg(dir.path().join("access.log"));
         }
+        cmd.args(extra);
         let child = spawn(cmd)?;
         let agent = Agent { pid: child.pid(), child: Mutex::new(child), dir };
         agent

@@ -17,6 +17,7 @@ pub mod haproxy;
 pub mod http_app;
 pub mod http_client;
 pub mod iptables;
+pub mod kube_api;
 pub mod l7_mesh;
 mod link;
 pub mod loadgen;
