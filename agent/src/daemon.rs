@@ -109,7 +109,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let (datapath, orig_dst) = match capture.mode {
         CaptureMode::Ebpf => {
-            let (datapath, table) = Datapath::load(&params).context("loading eBPF programs")?;
+            let (mut datapath, table) = Datapath::load(&params).context("loading eBPF programs")?;
+            // The agent runs in the node's netns: its addresses are the node's, the kubelet's
+            // probes come from them.
+            let node_addrs = node_addresses().context("reading the node's addresses")?;
+            datapath.set_node_addresses(&node_addrs).context("registering the node's addresses")?;
             (Some(datapath), OrigDst::Ebpf(table))
         }
         CaptureMode::Iptables => {
@@ -288,4 +292,11 @@ impl ShutdownSignals {
             _ = self.int.recv() => {}
         }
     }
+}
+
+/// The non-loopback addresses of the agent's netns (the node's), whose connections to pods are the
+/// kubelet's probes.
+fn node_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
+    let all = crate::enroll::netlink::Rtnl::open()?.addresses()?;
+    Ok(all.into_iter().map(|(_, ip)| ip).filter(|ip| !ip.is_loopback()).collect())
 }

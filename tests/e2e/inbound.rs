@@ -48,3 +48,31 @@ fn loopback_inside_pod_is_untouched() {
         "no connection touched the proxy: {events:?}"
     );
 }
+
+#[test]
+fn kubelet_probe_reaches_strict_pod_but_plaintext_from_elsewhere_does_not() {
+    let pods = ScenarioPods::start("probe").unwrap();
+    let mut mesh = ferry_tests::MeshFile::new("node-a");
+    for s in &pods.servers {
+        mesh.pod(s, NAMESPACE, SERVICE).mode("strict");
+    }
+    let agent = ferry_tests::Agent::start(&pods.node, &mesh.to_toml()).unwrap();
+    let target = sock(pods.servers[0].ipv4().into(), SERVER_PORT);
+    // The kubelet probes from the node itself: its connection reaches the app, as without a mesh.
+    let mut probe = pods.node.command(ferry_tests::bin_path("ferry-testapp"));
+    probe.args(["connect", &target, "--bytes", "16"]);
+    let out = probe.output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["ok"], 1, "the probe reached the STRICT app: {r}");
+    assert_eq!(r["peers_seen_by_server"][0], r["local_addrs"][0], "directly, from the node's address: {r}");
+    let node_ip = pods.node.bridge_ipv4().to_string();
+    assert!(r["local_addrs"][0].as_str().unwrap().starts_with(&format!("{node_ip}:")), "{r}");
+    // Plaintext from anywhere else is refused.
+    let r = connect(&pods.outsider, &target, &["--bytes", "16", "--timeout-ms", "3000"]).unwrap();
+    assert_eq!(r["ok"], 0, "plaintext from a pod reached a STRICT app: {r}");
+    let refused =
+        wait_events(&agent, 1, |e| e["event"] == "conn_refused" && e["orig_dst"] == target.as_str());
+    assert_eq!(refused.len(), 1, "{:?}", agent.events());
+    let bpf = agent.cli_json(&["bpf"]).unwrap();
+    assert!(bpf["counters"]["node_passed"].as_u64().unwrap_or(0) >= 1, "{bpf}");
+}

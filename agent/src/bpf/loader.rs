@@ -199,6 +199,18 @@ impl Datapath {
         Ok(att)
     }
 
+    /// Lets SYNs from `addrs` (the node's own addresses: the kubelet's probes) reach apps directly.
+    pub fn set_node_addresses(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, PodAddr, u8> = map_mut(&mut self.ebpf, maps::NODE_ADDRS)?;
+        for ip in addrs {
+            map.insert(pod_addr(*ip), 1, 0).map_err(|source| DatapathError::Map {
+                what: format!("registering node address {ip}"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// The sk_lookup tables, for enrollment and the pods' address watches.
     pub fn steering(&self) -> Steering {
         self.steering.clone()

@@ -254,6 +254,7 @@ impl AdminState for Introspect {
             "tunnel_steered",
             "tunnel_no_listener",
             "peer_rewritten",
+            "node_passed",
         ];
         drop(dp);
         let pods = self.node.with_enrolled_blocking(|enrolled| {

@@ -82,8 +82,10 @@ pub mod counter {
     pub const TUNNEL_NO_LISTENER: u32 = 6;
     /// getpeername() answers rewritten to a captured socket's original destination.
     pub const PEER_REWRITTEN: u32 = 7;
+    /// SYNs from one of the node's own addresses (the kubelet's probes) left to reach the app.
+    pub const NODE_PASSED: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Per-pod counters, keyed by the pod's cgroup id (outbound) or first address (inbound).
@@ -107,6 +109,8 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// pod address -> HBONE tunnel listener socket.
     pub const TUNNEL_LISTENERS: &str = "TUNNEL_LISTENERS";
+    /// The node's own addresses, whose SYNs (the kubelet's probes) reach apps directly.
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
     /// Capture settings.
     pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
     /// Ports never captured.

@@ -3,15 +3,19 @@
 //! listener, every other port to its inbound listener. The tables are keyed by address and hold
 //! every non-loopback address of the netns (the agent watches them), so a SYN for an address with
 //! no entry is dropped: it belongs to an enrolled pod whose new address is not registered yet, and
-//! the client's retransmit finds it steered. Nothing reaches a pod's app unproxied. Loopback (the
-//! proxy handing a connection to the app, or the app talking to itself) is never touched.
+//! the client's retransmit finds it steered. Nothing reaches a pod's app unproxied, with one
+//! exception: a SYN from one of the node's own addresses (the kubelet's probes) goes to the app as
+//! it would without the mesh, so STRICT pods stay probe-able. The host kernel drops packets from
+//! outside that claim one of its own addresses as their source (a martian source), so another
+//! node cannot use that exception by spoofing. Loopback (the proxy handing a connection to the
+//! app, or the app talking to itself) is never touched.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use ferry_common::{AF_INET, AF_INET6, PodAddr, counter};
 
 use crate::{
     ctx::{ctx_read, read_ip6},
-    maps::{INBOUND_LISTENERS, INBOUND_POD_COUNTERS, TUNNEL_LISTENERS, capture_config, count},
+    maps::{INBOUND_LISTENERS, INBOUND_POD_COUNTERS, NODE_ADDRS, TUNNEL_LISTENERS, capture_config, count},
 };
 
 const SK_PASS: u32 = 1;
@@ -38,6 +42,16 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         return SK_PASS;
     };
+    let remote = if family == u32::from(AF_INET) {
+        PodAddr { ip: [unsafe { ctx_read(&raw const (*lk).remote_ip4) }, 0, 0, 0], family }
+    } else {
+        PodAddr { ip: unsafe { read_ip6(&raw const (*lk).remote_ip6) }, family }
+    };
+    // SAFETY: plain value read from the map, tested for presence only.
+    if unsafe { NODE_ADDRS.get(&remote) }.is_some() {
+        count(counter::NODE_PASSED);
+        return SK_PASS;
+    }
     if unsafe { ctx_read(&raw const (*lk).local_port) } == u32::from(cfg.tunnel_port) {
         return match TUNNEL_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
             Ok(()) => {

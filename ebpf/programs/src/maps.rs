@@ -27,6 +27,10 @@ pub static ORIG_DST_BY_CONN: LruHashMap<ConnKey, SockAddr> = LruHashMap::with_ma
 #[map(name = "INBOUND_LISTENERS")]
 pub static INBOUND_LISTENERS: SockHash<PodAddr> = SockHash::with_max_entries(4096, 0);
 
+/// The node's own addresses (value unused): SYNs from them are the kubelet's probes.
+#[map(name = "NODE_ADDRS")]
+pub static NODE_ADDRS: HashMap<PodAddr, u8> = HashMap::with_max_entries(64, 0);
+
 /// Pod address -> the pod's HBONE tunnel listener.
 #[map(name = "TUNNEL_LISTENERS")]
 pub static TUNNEL_LISTENERS: SockHash<PodAddr> = SockHash::with_max_entries(4096, 0);
