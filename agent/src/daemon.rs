@@ -61,7 +61,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         let source =
             KubeSource::start(&opts.config, &node).await.context("starting the Kubernetes source")?;
         let config = source.initial().context("invalid settings file")?;
-        (Feed::Kubernetes(source), config, Ok(Vec::new()))
+        (Feed::Kubernetes(Box::new(source)), config, Ok(Vec::new()))
     } else {
         let Initial { sources, config, policies } =
             Sources::load(&opts.config).context("invalid mesh file")?;
@@ -192,16 +192,16 @@ const RELOAD_POLL: Duration = Duration::from_millis(500);
 
 /// Where the desired state comes from.
 enum Feed {
-    /// The mesh file and its policy files (boxed: the file's bookkeeping is the larger).
+    /// The mesh file and its policy files.
     File(Box<Sources>),
     /// The Kubernetes API.
-    Kubernetes(KubeSource),
+    Kubernetes(Box<KubeSource>),
 }
 
 async fn watch(feed: Feed, node: Arc<NodeState>) {
     match feed {
         Feed::File(sources) => watch_sources(*sources, node).await,
-        Feed::Kubernetes(source) => watch_kubernetes(source, node).await,
+        Feed::Kubernetes(source) => watch_kubernetes(*source, node).await,
     }
 }
 

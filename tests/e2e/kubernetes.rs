@@ -377,3 +377,61 @@ fn api_server_outage_keeps_serving_and_recovers() {
     wait_enrolled(&agent, &["client", "server-1"]);
     assert!(plaintext_reaches(&c, "server-1"), "and kept serving");
 }
+
+#[test]
+fn unenrollable_pod_does_not_block_others_in_a_cluster() {
+    let c = Cluster::new("k8wait");
+    c.namespace(json!({"ferry.dev/mesh": "enabled"}));
+    c.publish_all();
+    // A pod the API says runs here, whose processes the node does not have (yet).
+    let ghost: KubePod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "ghost", "namespace": NAMESPACE, "uid": "deadbeef-0000-4000-8000-000000000001"},
+        "spec": {"nodeName": NODE, "serviceAccountName": "ghost", "containers": [{"name": "app", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": "10.233.1.250", "podIPs": [{"ip": "10.233.1.250"}]},
+    }))
+    .unwrap();
+    c.api.apply(PODS, ghost).unwrap();
+    let agent = c.start();
+    wait_enrolled(&agent, &["client", "server-1", "server-2"]);
+    let w = agent.workload("ghost").unwrap();
+    assert_eq!(w["enrolled"], false, "{w}");
+    assert!(w["waiting"].as_str().is_some_and(|why| why.contains("no process of pod UID")), "{w}");
+    assert!(plaintext_reaches(&c, "server-1"), "the others serve");
+    let status = agent.cli_json(&["status"]).unwrap();
+    assert_eq!(status["ready"], false, "not ready while a pod waits: {status}");
+    // Once the API no longer lists it, the node is ready.
+    c.api.delete(PODS, NAMESPACE, "ghost");
+    let deadline = Instant::now() + EVENT_WAIT;
+    while agent.cli_json(&["status"]).unwrap()["ready"] != true {
+        assert!(Instant::now() < deadline, "never ready: {:?}", agent.cli_json(&["workloads"]));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_invalid_authorization_policy_keeps_the_last_valid_set() {
+    let (c, agent) = Cluster::meshed("k8bad");
+    let deny = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-all-plaintext", "namespace": NAMESPACE},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"notPrincipals": ["*"]}}]}]}});
+    c.api.apply(AUTHORIZATION_POLICIES, deny).unwrap();
+    let deadline = Instant::now() + EVENT_WAIT;
+    while plaintext_reaches(&c, "server-1") {
+        assert!(Instant::now() < deadline, "the DENY never took effect");
+    }
+    // CUSTOM is not something Ferry can enforce: rejected, naming the object.
+    let custom = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "ext-authz", "namespace": NAMESPACE},
+        "spec": {"action": "CUSTOM", "provider": {"name": "opa"}, "rules": [{}]}});
+    c.api.apply(AUTHORIZATION_POLICIES, custom).unwrap();
+    let deadline = Instant::now() + EVENT_WAIT;
+    while !agent.stderr().contains("kubernetes:demo/ext-authz") {
+        assert!(Instant::now() < deadline, "the rejection never named the object: {}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The valid set stays in force, and other changes still apply.
+    assert!(!plaintext_reaches(&c, "server-1"), "the last valid DENY still holds");
+    c.publish("server-2", json!({"app": "server-2", "ferry.dev/mesh": "disabled"}), json!({}));
+    wait_enrolled(&agent, &["client", "server-1"]);
+}

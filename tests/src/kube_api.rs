@@ -230,10 +230,21 @@ async fn answer(
         );
     }
     let watching = query.get("watch").is_some_and(|v| v == "1" || v == "true");
+    // The one field selector the agent uses: spec.nodeName=NODE.
+    let node = query.get("fieldSelector").and_then(|f| {
+        let f = f.replace("%3D", "=").replace("%3d", "=");
+        f.strip_prefix("spec.nodeName=").map(str::to_owned)
+    });
+    let selected =
+        move |object: &Value| node.as_ref().is_none_or(|n| object["spec"]["nodeName"] == n.as_str());
     if !watching {
         let s = state.lock().unwrap_or_else(|p| p.into_inner());
-        let items: Vec<Value> =
-            s.objects.iter().filter(|((c, _, _), _)| *c == path).map(|(_, (_, o))| o.clone()).collect();
+        let items: Vec<Value> = s
+            .objects
+            .iter()
+            .filter(|((c, _, _), (_, o))| *c == path && selected(o))
+            .map(|(_, (_, o))| o.clone())
+            .collect();
         let list = json!({"kind": "List", "apiVersion": "v1",
                           "metadata": {"resourceVersion": s.version.to_string()}, "items": items});
         return json_response(StatusCode::OK, &list);
@@ -256,7 +267,7 @@ async fn answer(
                 let events: Vec<(u64, &'static str, Value)> = s
                     .history
                     .iter()
-                    .filter(|(v, c, _, _)| *v > sent && *c == path)
+                    .filter(|(v, c, _, o)| *v > sent && *c == path && selected(o))
                     .map(|(v, _, t, o)| (*v, *t, o.clone()))
                     .collect();
                 (events, gone, s.version)

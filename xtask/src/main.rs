@@ -7,6 +7,7 @@ mod build;
 mod cmd;
 mod demo;
 mod fuzz;
+mod image;
 mod paths;
 mod setup;
 mod test;
@@ -46,6 +47,9 @@ enum Task {
         #[arg(long)]
         flamegraph: bool,
     },
+    /// Set up, build the agent in release mode, then its container image (deploy/Containerfile,
+    /// FROM scratch, with podman).
+    Image,
     /// Set up, then fuzz each target of agent/fuzz (policy loader, path normalization, HTTP/1
     /// request path) in turn.
     Fuzz {
@@ -74,5 +78,6 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Demo => demo::run(),
         Task::Bench { quick, flamegraph } => bench::run(quick, flamegraph),
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::Image => image::run(),
     }
 }

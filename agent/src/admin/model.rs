@@ -115,6 +115,9 @@ pub struct WorkloadView {
     /// The pod's Kubernetes UID, when it is found on the node by UID.
     #[serde(default)]
     pub uid: Option<String>,
+    /// The node the pod runs on.
+    #[serde(default)]
+    pub node: Option<String>,
     /// Every address whose inbound SYNs are steered to the proxy: the listed ones and any other
     /// the pod's netns has (empty when not enrolled, or with iptables capture).
     #[serde(default)]

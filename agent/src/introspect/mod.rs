@@ -120,6 +120,7 @@ impl AdminState for Introspect {
                             .or_else(|| pod.cgroup.clone())
                             .map(|p| p.display().to_string()),
                         uid: pod.uid.clone(),
+                        node: Some(pod.node.clone()),
                         steered_ips: e.map(|e| e.steered().ips.into_iter().collect()).unwrap_or_default(),
                         unsteered: e
                             .map(|e| {

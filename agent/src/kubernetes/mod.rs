@@ -1,5 +1,6 @@
 //! The Kubernetes source: `ferry run --kubernetes`. kube-rs reflectors (list, then watch, relisting
-//! on 410 Gone, with backoff) keep caches of the cluster's Pods, Namespaces, Services,
+//! on 410 Gone, with backoff) keep caches of this node's Pods (field selector `spec.nodeName`), the
+//! cluster's Pods (identities and addresses of remote endpoints), Namespaces, Services,
 //! EndpointSlices and, when installed, Istio's AuthorizationPolicy and PeerAuthentication. Every
 //! change turns the caches into a mesh file (the agent's settings file plus `[[pods]]` and
 //! `[[services]]`, see [`translate`]) that goes through the same parse, validation and apply as the
@@ -31,7 +32,6 @@ use tokio::{sync::Notify, task::JoinHandle};
 
 use crate::{
     config::{ConfigError, MeshConfig},
-    policy::PolicyError,
     sources::Desired,
 };
 pub use translate::{Left, Snapshot};
@@ -56,9 +56,6 @@ pub enum KubeError {
     /// The cluster's objects make an invalid mesh (the message names the object).
     #[error(transparent)]
     Mesh(#[from] ConfigError),
-    /// An AuthorizationPolicy is invalid.
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
 }
 
 /// The running reflectors and what turns their caches into desired states.
@@ -69,9 +66,15 @@ pub struct KubeSource {
     changed: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
     synced: bool,
+    /// The last policy set that compiled: an invalid AuthorizationPolicy keeps it in force (as an
+    /// invalid policy file does) without holding up pods and services.
+    last_policies: Vec<(crate::policy::Policy, crate::policy::Origin)>,
 }
 
 struct Stores {
+    /// This node's pods (field selector `spec.nodeName`): the ones to enroll.
+    local: Store<Pod>,
+    /// Every pod, for the identities and addresses of endpoints on other nodes.
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     services: Store<Service>,
@@ -89,6 +92,8 @@ impl KubeSource {
         let client = Client::try_default().await.map_err(KubeError::Client)?;
         let changed = Arc::new(Notify::new());
         let mut tasks = Vec::new();
+        let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let local = reflect(Api::<Pod>::all(client.clone()), on_node, &changed, &mut tasks);
         let pods = reflect(Api::<Pod>::all(client.clone()), Default::default(), &changed, &mut tasks);
         let namespaces =
             reflect(Api::<Namespace>::all(client.clone()), Default::default(), &changed, &mut tasks);
@@ -97,8 +102,16 @@ impl KubeSource {
             reflect(Api::<EndpointSlice>::all(client.clone()), Default::default(), &changed, &mut tasks);
         let authorization = istio(&client, "AuthorizationPolicy", &changed, &mut tasks).await;
         let peer_authentication = istio(&client, "PeerAuthentication", &changed, &mut tasks).await;
-        let stores = Stores { pods, namespaces, services, slices, authorization, peer_authentication };
-        Ok(Self { base, node: node.to_owned(), stores, changed, tasks, synced: false })
+        let stores = Stores { local, pods, namespaces, services, slices, authorization, peer_authentication };
+        Ok(Self {
+            base,
+            node: node.to_owned(),
+            stores,
+            changed,
+            tasks,
+            synced: false,
+            last_policies: Vec::new(),
+        })
     }
 
     /// The node's settings without any pod: what the agent starts with before the first sync.
@@ -120,14 +133,25 @@ impl KubeSource {
         tokio::time::sleep(SETTLE).await;
         let snapshot = self.snapshot();
         let (table, left) = translate::mesh(&self.base, &self.node, &snapshot);
+        let policies = match translate::policies(&snapshot) {
+            Ok(policies) => {
+                self.last_policies = policies.clone();
+                policies
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "AuthorizationPolicy rejected; the last valid policy set stays in force");
+                self.last_policies.clone()
+            }
+        };
         let desired = MeshConfig::parse(&toml_text(&table))
             .map_err(KubeError::from)
-            .and_then(|config| Ok(Desired { config, policies: translate::policies(&snapshot)? }));
+            .map(|config| Desired { config, policies });
         (desired, left)
     }
 
     async fn wait_until_ready(&self) {
         let s = &self.stores;
+        let _ = s.local.wait_until_ready().await;
         let _ = s.pods.wait_until_ready().await;
         let _ = s.namespaces.wait_until_ready().await;
         let _ = s.services.wait_until_ready().await;
@@ -139,8 +163,17 @@ impl KubeSource {
 
     fn snapshot(&self) -> Snapshot {
         let s = &self.stores;
+        // This node's pods from the field-selected watch (current even if the cluster-wide one
+        // lags), the rest from the cluster-wide one.
+        let local = s.local.state();
+        let node = self.node.as_str();
+        let remote = s
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| p.spec.as_ref().and_then(|spec| spec.node_name.as_deref()) != Some(node));
         Snapshot {
-            pods: s.pods.state(),
+            pods: local.into_iter().chain(remote).collect(),
             namespaces: s.namespaces.state(),
             services: s.services.state(),
             slices: s.slices.state(),
