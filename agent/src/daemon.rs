@@ -112,8 +112,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let (mut datapath, table) = Datapath::load(&params).context("loading eBPF programs")?;
             // The agent runs in the node's netns: its addresses are the node's, the kubelet's
             // probes come from them.
-            let node_addrs = node_addresses().context("reading the node's addresses")?;
-            datapath.set_node_addresses(&node_addrs).context("registering the node's addresses")?;
+            match node_addresses() {
+                Ok(addrs) => {
+                    if let Err(e) = datapath.set_node_addresses(&addrs) {
+                        tracing::warn!(error = %e, "not every node address registered: probes from it are refused for STRICT pods");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the node's addresses: probes to STRICT pods are refused")
+                }
+            }
             (Some(datapath), OrigDst::Ebpf(table))
         }
         CaptureMode::Iptables => {
@@ -298,5 +306,10 @@ impl ShutdownSignals {
 /// kubelet's probes.
 fn node_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
     let all = crate::enroll::netlink::Rtnl::open()?.addresses()?;
-    Ok(all.into_iter().map(|(_, ip)| ip).filter(|ip| !ip.is_loopback()).collect())
+    // IPv6 link-local addresses (one per host-side veth) are never a probe's source.
+    let probe_source = |ip: &std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => !v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+    };
+    Ok(all.into_iter().map(|(_, ip)| ip).filter(probe_source).collect())
 }

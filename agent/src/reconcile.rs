@@ -198,6 +198,17 @@ impl NodeState {
         report.closed_by_policy = self.shared.recheck_connections();
 
         let mut enrolled = self.enrolled.lock().await;
+        // Labels, mode and declared ports are read from the config at each connection: a change
+        // to them alone is applied in place. Re-enrolling would detach the programs for a moment,
+        // a window in which plaintext could reach a STRICT app.
+        for (key, (pod, _)) in enrolled.iter_mut() {
+            if let Some(new) = wanted.get(key)
+                && new != pod
+                && same_placement(new, pod)
+            {
+                *pod = new.clone();
+            }
+        }
         let stale: Vec<String> = enrolled
             .iter()
             .filter(|(k, (pod, _))| wanted.get(*k) != Some(pod))
@@ -263,6 +274,18 @@ impl NodeState {
     }
 }
 
+/// Whether two entries of one pod put it in the same place with the same identity: everything but
+/// its labels, mode and declared ports (which the proxy reads from the config as it goes).
+fn same_placement(a: &Pod, b: &Pod) -> bool {
+    let strip = |p: &Pod| Pod {
+        labels: Default::default(),
+        mode: crate::config::Mode::Permissive,
+        ports: Vec::new(),
+        ..p.clone()
+    };
+    strip(a) == strip(b)
+}
+
 /// An error and its causes on one line.
 fn error_chain(err: &EnrollError) -> String {
     let mut text = err.to_string();
@@ -283,6 +306,26 @@ fn config_has(shared: &ProxyShared, key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_mode_and_ports_change_in_place_but_addresses_do_not() {
+        let config = crate::config::MeshConfig::parse(
+            "node = \"n\"\n[[pods]]\nname = \"a\"\nnamespace = \"d\"\nservice_account = \"s\"\n\
+             netns = \"/n\"\ncgroup = \"/c\"\nips = [\"10.0.0.1\"]\n",
+        )
+        .expect("valid");
+        let pod = config.pods[0].clone();
+        let mut relabelled = pod.clone();
+        relabelled.labels.insert("app".into(), "web".into());
+        relabelled.mode = crate::config::Mode::Strict;
+        assert!(same_placement(&pod, &relabelled));
+        let mut moved = pod.clone();
+        moved.ipv4 = Some("10.0.0.2".parse().expect("ip"));
+        assert!(!same_placement(&pod, &moved));
+        let mut renamed = pod.clone();
+        renamed.service_account = "other".into();
+        assert!(!same_placement(&pod, &renamed), "a new identity needs new listeners");
+    }
 
     #[test]
     fn retries_back_off_from_one_second_to_a_minute() {

@@ -410,28 +410,32 @@ fn unenrollable_pod_does_not_block_others_in_a_cluster() {
 }
 
 #[test]
-fn an_invalid_authorization_policy_keeps_the_last_valid_set() {
+fn an_invalid_authorization_policy_denies_what_it_selects() {
     let (c, agent) = Cluster::meshed("k8bad");
-    let deny = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-        "metadata": {"name": "deny-all-plaintext", "namespace": NAMESPACE},
-        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"notPrincipals": ["*"]}}]}]}});
-    c.api.apply(AUTHORIZATION_POLICIES, deny).unwrap();
-    let deadline = Instant::now() + EVENT_WAIT;
-    while plaintext_reaches(&c, "server-1") {
-        assert!(Instant::now() < deadline, "the DENY never took effect");
-    }
-    // CUSTOM is not something Ferry can enforce: rejected, naming the object.
+    let mtls_reaches = |server: &str| {
+        let target = sock(c.pod(server).pod.ipv4().into(), SERVER_PORT);
+        connect_in(c.pod("client"), &target, &["--bytes", "16", "--timeout-ms", "3000"])["ok"] == 1
+    };
+    assert!(mtls_reaches("server-1"));
+    // CUSTOM is not something Ferry can enforce: rejected, naming the object, and in its place a
+    // DENY of everything it selects (server-1 only), never an opening.
     let custom = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
         "metadata": {"name": "ext-authz", "namespace": NAMESPACE},
-        "spec": {"action": "CUSTOM", "provider": {"name": "opa"}, "rules": [{}]}});
+        "spec": {"selector": {"matchLabels": {"app": "server-1"}}, "action": "CUSTOM",
+                 "provider": {"name": "opa"}, "rules": [{}]}});
     c.api.apply(AUTHORIZATION_POLICIES, custom).unwrap();
     let deadline = Instant::now() + EVENT_WAIT;
-    while !agent.stderr().contains("kubernetes:demo/ext-authz") {
-        assert!(Instant::now() < deadline, "the rejection never named the object: {}", agent.stderr());
-        std::thread::sleep(Duration::from_millis(100));
+    while mtls_reaches("server-1") {
+        assert!(Instant::now() < deadline, "the invalid policy never closed server-1: {}", agent.stderr());
     }
-    // The valid set stays in force, and other changes still apply.
-    assert!(!plaintext_reaches(&c, "server-1"), "the last valid DENY still holds");
+    assert!(agent.stderr().contains("kubernetes:demo/ext-authz"), "the error names the object");
+    assert!(mtls_reaches("server-2"), "only what it selects is closed");
+    // Other changes still apply meanwhile, and fixing the policy reopens.
     c.publish("server-2", json!({"app": "server-2", "ferry.dev/mesh": "disabled"}), json!({}));
     wait_enrolled(&agent, &["client", "server-1"]);
+    c.api.delete(AUTHORIZATION_POLICIES, NAMESPACE, "ext-authz");
+    let deadline = Instant::now() + EVENT_WAIT;
+    while !mtls_reaches("server-1") {
+        assert!(Instant::now() < deadline, "still closed after the policy was deleted");
+    }
 }

@@ -84,9 +84,18 @@ impl TransparencyRegistry {
 impl Drop for Transparency {
     fn drop(&mut self) {
         // Under the registry's lock, so a concurrent install in the same netns waits for this
-        // removal instead of having its fresh rules deleted under it.
+        // removal instead of having its fresh rules deleted under it. An install that already
+        // replaced this entry (it saw it dead before this drop got the lock) owns the routing now:
+        // then nothing is removed.
         let registry = self.registry.upgrade();
         let mut installed = registry.as_ref().map(|r| r.lock().unwrap_or_else(|p| p.into_inner()));
+        let me: *const Transparency = self;
+        let replaced = installed
+            .as_ref()
+            .is_some_and(|i| i.get(&self.netns.cookie()).is_some_and(|w| !std::ptr::eq(w.as_ptr(), me)));
+        if replaced {
+            return;
+        }
         let restore = self.restore.take();
         match self.netns.run_blocking(move || uninstall_here(restore.as_deref())) {
             Ok(Ok(())) => {}
@@ -94,9 +103,7 @@ impl Drop for Transparency {
                 "removing transparent-inbound routing from a pod netns"),
             Err(e) => tracing::warn!(error = %e, "pod netns gone before transparent-inbound cleanup"),
         }
-        if let Some(installed) = installed.as_mut()
-            && installed.get(&self.netns.cookie()).is_some_and(|w| w.strong_count() == 0)
-        {
+        if let Some(installed) = installed.as_mut() {
             installed.remove(&self.netns.cookie());
         }
     }

@@ -4,7 +4,8 @@
 //! EndpointSlices and, when installed, Istio's AuthorizationPolicy and PeerAuthentication. Every
 //! change turns the caches into a mesh file (the agent's settings file plus `[[pods]]` and
 //! `[[services]]`, see [`translate`]) that goes through the same parse, validation and apply as the
-//! standalone source: one reconcile path for both.
+//! standalone source: one reconcile path for both. An AuthorizationPolicy that does not compile
+//! denies everything it selects until it is fixed (fail closed), without holding up the rest.
 //!
 //! The API server going away leaves the caches, and so the node's state, as they were; the
 //! reflectors reconnect with backoff and catch up.
@@ -66,9 +67,6 @@ pub struct KubeSource {
     changed: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
     synced: bool,
-    /// The last policy set that compiled: an invalid AuthorizationPolicy keeps it in force (as an
-    /// invalid policy file does) without holding up pods and services.
-    last_policies: Vec<(crate::policy::Policy, crate::policy::Origin)>,
 }
 
 struct Stores {
@@ -103,15 +101,7 @@ impl KubeSource {
         let authorization = istio(&client, "AuthorizationPolicy", &changed, &mut tasks).await;
         let peer_authentication = istio(&client, "PeerAuthentication", &changed, &mut tasks).await;
         let stores = Stores { local, pods, namespaces, services, slices, authorization, peer_authentication };
-        Ok(Self {
-            base,
-            node: node.to_owned(),
-            stores,
-            changed,
-            tasks,
-            synced: false,
-            last_policies: Vec::new(),
-        })
+        Ok(Self { base, node: node.to_owned(), stores, changed, tasks, synced: false })
     }
 
     /// The node's settings without any pod: what the agent starts with before the first sync.
@@ -133,16 +123,11 @@ impl KubeSource {
         tokio::time::sleep(SETTLE).await;
         let snapshot = self.snapshot();
         let (table, left) = translate::mesh(&self.base, &self.node, &snapshot);
-        let policies = match translate::policies(&snapshot) {
-            Ok(policies) => {
-                self.last_policies = policies.clone();
-                policies
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "AuthorizationPolicy rejected; the last valid policy set stays in force");
-                self.last_policies.clone()
-            }
-        };
+        let (policies, errors) = translate::policies(&snapshot);
+        for e in &errors {
+            let error = format!("{:#}", anyhow::Error::new(e.clone()));
+            tracing::error!(%error, "AuthorizationPolicy rejected: it denies everything it selects until fixed");
+        }
         let desired = MeshConfig::parse(&toml_text(&table))
             .map_err(KubeError::from)
             .map(|config| Desired { config, policies });

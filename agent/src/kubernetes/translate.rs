@@ -3,14 +3,19 @@
 //! Istio's AuthorizationPolicies for the policy engine. Pure functions over a snapshot, so the
 //! result goes through the very validation and apply path the standalone mesh file does.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::api::DynamicObject;
-use serde_json::Value;
+use serde_json::{Value, json};
 use toml::{Table, Value as Toml};
 
 use crate::policy::{self, Origin, Policy, PolicyError};
@@ -303,9 +308,13 @@ pub fn protocol_of(app_protocol: Option<&str>, name: Option<&str>) -> Option<&'s
 
 /// Istio's AuthorizationPolicies, compiled by the policy engine exactly as files are. Each object
 /// is handed over as the document `kubectl get -o json` prints (bookkeeping fields dropped), under
-/// the name `kubernetes:NAMESPACE/NAME`, so errors name the object.
-pub fn policies(snapshot: &Snapshot) -> Result<Vec<(Policy, Origin)>, PolicyError> {
+/// the name `kubernetes:NAMESPACE/NAME`, so errors name the object. An object that does not compile
+/// fails closed on its own: it becomes a DENY of everything for the workloads it selects (its whole
+/// namespace when its selector is unusable), and its error is returned beside the set, so one
+/// tenant's bad policy neither opens nor freezes anyone else's.
+pub fn policies(snapshot: &Snapshot) -> (Vec<(Policy, Origin)>, Vec<PolicyError>) {
     let mut out = Vec::new();
+    let mut errors = Vec::new();
     let mut objects: Vec<&Arc<DynamicObject>> = snapshot.authorization.iter().flatten().collect();
     objects.sort_by_key(|o| (o.metadata.namespace.clone(), o.metadata.name.clone()));
     for object in objects {
@@ -326,11 +335,41 @@ pub fn policies(snapshot: &Snapshot) -> Result<Vec<(Policy, Origin)>, PolicyErro
         if let Some(spec) = object.data.get("spec") {
             doc.insert("spec".into(), spec.clone());
         }
-        let text = Value::Object(doc).to_string();
+        let selector = object.data.get("spec").and_then(|s| s.get("selector")).cloned();
+        let text = Value::Object(doc.clone()).to_string();
         let origin = PathBuf::from(format!("kubernetes:{ns}/{name}"));
-        out.extend(policy::parse_file(&origin, &text)?);
+        match policy::parse_file(&origin, &text) {
+            Ok(compiled) => out.extend(compiled),
+            Err(e) => {
+                errors.push(e);
+                out.extend(deny_all(&origin, doc, selector));
+            }
+        }
     }
-    Ok(out)
+    (out, errors)
+}
+
+/// The fail-closed stand-in for a policy that does not compile: DENY everything, for its selector
+/// when that compiles, else for its whole namespace.
+fn deny_all(
+    origin: &Path,
+    mut doc: serde_json::Map<String, Value>,
+    selector: Option<Value>,
+) -> Vec<(Policy, Origin)> {
+    let attempt = |selector: Option<Value>, doc: &mut serde_json::Map<String, Value>| {
+        let mut spec = serde_json::Map::new();
+        if let Some(selector) = selector {
+            spec.insert("selector".into(), selector);
+        }
+        spec.insert("action".into(), "DENY".into());
+        spec.insert("rules".into(), json!([{}]));
+        doc.insert("spec".into(), Value::Object(spec));
+        if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("annotations");
+        }
+        policy::parse_file(origin, &Value::Object(doc.clone()).to_string()).ok()
+    };
+    attempt(selector, &mut doc).or_else(|| attempt(None, &mut doc)).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -515,10 +554,19 @@ mod tests {
             json!({"action": "ALLOW", "rules": [{"from": [{"source": {"namespaces": ["demo"]}}]}]}),
         );
         let s = Snapshot { authorization: Some(vec![good.clone()]), ..Default::default() };
-        assert_eq!(policies(&s).unwrap().len(), 1);
-        let bad = ap("bad", json!({"action": "CUSTOM", "provider": {"name": "x"}}));
-        let s = Snapshot { authorization: Some(vec![good, bad]), ..Default::default() };
-        let err = policies(&s).unwrap_err().to_string();
-        assert!(err.contains("kubernetes:demo/bad"), "{err}");
+        let (set, errors) = policies(&s);
+        assert_eq!((set.len(), errors.len()), (1, 0));
+        // An invalid one is named, and stands in as a DENY of everything it selects.
+        let bad = ap(
+            "bad",
+            json!({"selector": {"matchLabels": {"app": "web"}}, "action": "CUSTOM", "provider": {"name": "x"}}),
+        );
+        let worse = ap("worse", json!({"selector": {"matchLabels": "not-a-map"}, "action": "ALLOW"}));
+        let s = Snapshot { authorization: Some(vec![good, bad, worse]), ..Default::default() };
+        let (set, errors) = policies(&s);
+        assert_eq!(errors.len(), 2);
+        assert!(errors[0].to_string().contains("kubernetes:demo/bad"), "{}", errors[0]);
+        assert_eq!(set.len(), 3, "the valid one and two fail-closed stand-ins");
+        assert!(set[1..].iter().all(|(p, _)| p.action == crate::policy::Action::Deny), "{set:?}");
     }
 }

@@ -73,7 +73,13 @@ pub async fn handle(down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         }
     };
     let mut meta = inbound_meta(&pod, id, peer, orig, SecurityPolicy::None);
-    if pod.mode == Mode::Strict {
+    // The mode in force now: a change of mode (say, a PeerAuthentication) applies without
+    // re-enrolling the pod.
+    let mode = {
+        let state = shared.state();
+        state.config.pods.iter().find(|p| p.name == pod.name && p.namespace == pod.namespace).map(|p| p.mode)
+    };
+    if mode.unwrap_or(pod.mode) == Mode::Strict {
         // STRICT: only mutually authenticated tunnels may reach this pod.
         shared.reject_conn(&meta, "conn_refused", "plaintext refused: STRICT mode");
         return;

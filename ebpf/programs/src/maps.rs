@@ -29,7 +29,7 @@ pub static INBOUND_LISTENERS: SockHash<PodAddr> = SockHash::with_max_entries(409
 
 /// The node's own addresses (value unused): SYNs from them are the kubelet's probes.
 #[map(name = "NODE_ADDRS")]
-pub static NODE_ADDRS: HashMap<PodAddr, u8> = HashMap::with_max_entries(64, 0);
+pub static NODE_ADDRS: HashMap<PodAddr, u8> = HashMap::with_max_entries(1024, 0);
 
 /// Pod address -> the pod's HBONE tunnel listener.
 #[map(name = "TUNNEL_LISTENERS")]
