@@ -47,6 +47,9 @@ pub struct RunOptions {
     pub kubernetes: bool,
     /// This node's name (with `kubernetes`: the pods it enrolls are those scheduled here).
     pub node: Option<String>,
+    /// The cgroup whose processes' connects to pods are the kubelet's probes (default: the
+    /// cgroup2 root, so every process of the node's netns).
+    pub probe_cgroup: Option<PathBuf>,
     /// Changes the log filter at run time (`ferry log-level`).
     pub log: Option<LogControl>,
 }
@@ -109,19 +112,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let (datapath, orig_dst) = match capture.mode {
         CaptureMode::Ebpf => {
-            let (mut datapath, table) = Datapath::load(&params).context("loading eBPF programs")?;
-            // The agent runs in the node's netns: its addresses are the node's, the kubelet's
-            // probes come from them.
-            match node_addresses() {
-                Ok(addrs) => {
-                    if let Err(e) = datapath.set_node_addresses(&addrs) {
-                        tracing::warn!(error = %e, "not every node address registered: probes from it are refused for STRICT pods");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the node's addresses: probes to STRICT pods are refused")
-                }
-            }
+            let (datapath, table) = Datapath::load(&params).context("loading eBPF programs")?;
             (Some(datapath), OrigDst::Ebpf(table))
         }
         CaptureMode::Iptables => {
@@ -146,6 +137,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "pods given by UID cannot be found on this node");
             None
         }
+    };
+    let mut datapath = datapath;
+    let probe_addresses = match &mut datapath {
+        Some(dp) => {
+            enable_probes(dp, opts.probe_cgroup.clone().or_else(|| host.as_ref().map(|h| h.cgroup2.clone())))
+        }
+        None => None,
     };
     let node = Arc::new(NodeState::new(datapath, shared.clone(), host));
     if matches!(feed, Feed::Kubernetes(_)) {
@@ -189,6 +187,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     node.shutdown().await;
     // Dropping the last reference unloads the programs and closes the maps.
     drop(node);
+    drop(probe_addresses);
     shared.events.emit(json!({ "event": "shutdown" }));
     Ok(())
 }
@@ -302,14 +301,28 @@ impl ShutdownSignals {
     }
 }
 
-/// The non-loopback addresses of the agent's netns (the node's), whose connections to pods are the
-/// kubelet's probes.
-fn node_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
-    let all = crate::enroll::netlink::Rtnl::open()?.addresses()?;
-    // IPv6 link-local addresses (one per host-side veth) are never a probe's source.
-    let probe_source = |ip: &std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(v4) => !v4.is_loopback(),
-        std::net::IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+/// Lets the kubelet's probes reach STRICT pods: the probe source addresses on the node's loopback,
+/// and the programs that bind the node's connects in `cgroup` to them. A failure is logged (probes
+/// to STRICT pods are then refused); nothing else depends on it.
+fn enable_probes(datapath: &mut Datapath, cgroup: Option<PathBuf>) -> Option<crate::probes::SourceAddresses> {
+    let Some(cgroup) = cgroup else {
+        tracing::warn!("no cgroup2 root known: the kubelet's probes to STRICT pods are refused");
+        return None;
     };
-    Ok(all.into_iter().map(|(_, ip)| ip).filter(probe_source).collect())
+    let result = (|| -> anyhow::Result<crate::probes::SourceAddresses> {
+        let addresses =
+            crate::probes::SourceAddresses::add().context("adding the probe source to loopback")?;
+        let host_netns = crate::enroll::netns::netns_cookie().context("reading the node's netns cookie")?;
+        datapath
+            .enable_probes(&cgroup, host_netns, crate::probes::SOURCE_V4, crate::probes::SOURCE_V6)
+            .with_context(|| format!("attaching the probe programs to {}", cgroup.display()))?;
+        Ok(addresses)
+    })();
+    match result {
+        Ok(addresses) => Some(addresses),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "the kubelet's probes to STRICT pods are refused");
+            None
+        }
+    }
 }

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod privileges;
+pub mod probes;
 pub mod proxy;
 pub mod reconcile;
 pub mod sources;

@@ -46,6 +46,10 @@ enum Command {
         /// This node's name (the DaemonSet passes spec.nodeName).
         #[arg(long, env = "FERRY_NODE")]
         node: Option<String>,
+        /// The cgroup whose processes' connects to pods are the kubelet's probes (default: the
+        /// cgroup2 root: every process in the node's network namespace).
+        #[arg(long)]
+        probe_cgroup: Option<PathBuf>,
     },
     /// Manage the embedded CA.
     #[command(subcommand)]
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
             cgroup_root,
             kubernetes,
             node,
+            probe_cgroup,
         } => init_logging().and_then(|log| {
             run_daemon(ferry::daemon::RunOptions {
                 config,
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
                 cgroup_root,
                 kubernetes,
                 node,
+                probe_cgroup,
                 log: Some(log),
             })
         }),

@@ -58,21 +58,41 @@ fn kubelet_probe_reaches_strict_pod_but_plaintext_from_elsewhere_does_not() {
     }
     let agent = ferry_tests::Agent::start(&pods.node, &mesh.to_toml()).unwrap();
     let target = sock(pods.servers[0].ipv4().into(), SERVER_PORT);
-    // The kubelet probes from the node itself: its connection reaches the app, as without a mesh.
-    let mut probe = pods.node.command(ferry_tests::bin_path("ferry-testapp"));
-    probe.args(["connect", &target, "--bytes", "16"]);
-    let out = probe.output().unwrap();
+    // The kubelet probes from the node itself (its own cgroup, the node's netns): its connection is
+    // bound to the probe source and reaches the app, as without a mesh, in both families.
+    let kubelet = pods.node.cgroup_root().join("kubelet");
+    ferry_tests::cgroup::create(&kubelet).unwrap();
+    for (ip, source) in [
+        (std::net::IpAddr::from(pods.servers[0].ipv4()), "169.254.7.127"),
+        (pods.servers[0].ipv6().into(), "[fd16:9254:7127:1337:ffff:ffff:ffff:ffff]"),
+    ] {
+        let probe_target = sock(ip, SERVER_PORT);
+        let mut probe = pods.node.command_in_cgroup(ferry_tests::bin_path("ferry-testapp"), &kubelet);
+        probe.args(["connect", &probe_target, "--bytes", "16"]);
+        let out = probe.output().unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["ok"], 1, "the probe reached the STRICT app: {r}");
+        assert_eq!(r["peers_seen_by_server"][0], r["local_addrs"][0], "directly: {r}");
+        assert!(
+            r["local_addrs"][0].as_str().unwrap().starts_with(&format!("{source}:")),
+            "from the probe source: {r}"
+        );
+    }
+    // Anything else from the node's own address is not a probe: a process outside the kubelet's
+    // cgroup (traffic forwarded by the node would be the same) is steered and refused.
+    let mut other = pods.node.command(ferry_tests::bin_path("ferry-testapp"));
+    other.args(["connect", &target, "--bytes", "16", "--timeout-ms", "3000"]);
+    let out = other.output().unwrap();
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(r["ok"], 1, "the probe reached the STRICT app: {r}");
-    assert_eq!(r["peers_seen_by_server"][0], r["local_addrs"][0], "directly, from the node's address: {r}");
-    let node_ip = pods.node.bridge_ipv4().to_string();
-    assert!(r["local_addrs"][0].as_str().unwrap().starts_with(&format!("{node_ip}:")), "{r}");
+    assert_eq!(r["ok"], 0, "plaintext from the node's address reached a STRICT app: {r}");
     // Plaintext from anywhere else is refused.
     let r = connect(&pods.outsider, &target, &["--bytes", "16", "--timeout-ms", "3000"]).unwrap();
     assert_eq!(r["ok"], 0, "plaintext from a pod reached a STRICT app: {r}");
+    // Both refusals recorded: the node's non-probe connect and the outsider's.
     let refused =
-        wait_events(&agent, 1, |e| e["event"] == "conn_refused" && e["orig_dst"] == target.as_str());
-    assert_eq!(refused.len(), 1, "{:?}", agent.events());
+        wait_events(&agent, 2, |e| e["event"] == "conn_refused" && e["orig_dst"] == target.as_str());
+    assert_eq!(refused.len(), 2, "{:?}", agent.events());
     let bpf = agent.cli_json(&["bpf"]).unwrap();
-    assert!(bpf["counters"]["node_passed"].as_u64().unwrap_or(0) >= 1, "{bpf}");
+    assert!(bpf["counters"]["node_passed"].as_u64().unwrap_or(0) >= 2, "{bpf}");
+    assert!(bpf["counters"]["probe_bound"].as_u64().unwrap_or(0) >= 2, "{bpf}");
 }

@@ -61,7 +61,11 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
             e["links"].as_array().unwrap().iter().map(|l| l["id"].as_u64().unwrap()).collect::<Vec<_>>()
         })
         .collect();
-    assert_eq!(prog_ids.len(), 6, "connect4/6, getpeername4/6, sock_ops, sk_lookup: {ready}");
+    assert_eq!(
+        prog_ids.len(),
+        8,
+        "connect4/6, getpeername4/6, sock_ops, sk_lookup, probe connect4/6: {ready}"
+    );
     // Three enrolled pods, six links each.
     assert_eq!(link_ids.len(), 18, "{:?}", events_of(&s.agent, "enrolled"));
     let (progs, links) = (bpf_ids("prog"), bpf_ids("link"));
@@ -71,6 +75,11 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
         let ports = listening_ports(pod);
         assert!(ports.contains(&15001) && ports.contains(&15006), "{} listens: {ports:?}", pod.name());
     }
+    let lo = Command::new("ip")
+        .args(["netns", "exec", s.node.netns_name(), "ip", "addr", "show", "dev", "lo"])
+        .output()
+        .expect("ip addr");
+    assert!(String::from_utf8_lossy(&lo.stdout).contains("169.254.7.127"), "the probe source is on the node");
     // Traffic flows through the proxy before shutdown.
     let target = sock(s.servers[0].ipv4().into(), SERVER_PORT);
     let before = connect(&s.client, &target, &["--bytes", "10"]).unwrap();
@@ -92,6 +101,13 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
             pod.name()
         );
     }
+    // The probe source left the node's loopback.
+    let lo = Command::new("ip")
+        .args(["netns", "exec", node.netns_name(), "ip", "addr", "show", "dev", "lo"])
+        .output()
+        .expect("ip addr");
+    let lo = String::from_utf8_lossy(&lo.stdout);
+    assert!(!lo.contains("169.254.7.127"), "the probe source stayed on the node: {lo}");
     // Transparent inbound's reply routing is gone from every pod too.
     for pod in [&client, &servers[0], &servers[1]] {
         let rules = std::process::Command::new("ip")

@@ -39,7 +39,14 @@ impl Agent {
     /// [`Agent::start`] with another program in place of the `ferry` binary.
     pub fn start_program(node: &SimNode, program: &Path, mesh_toml: &str) -> Result<Agent> {
         let what = format!("agent on node {}", node.name());
-        Self::launch(node.command(program), mesh_toml, |cmd| node.spawn(cmd), &what, true)
+        Self::launch_with(
+            node.command(program),
+            mesh_toml,
+            |cmd| node.spawn(cmd),
+            &what,
+            true,
+            &probe_cgroup(node),
+        )
     }
 
     /// `ferry run --kubernetes --node NODE_NAME` in `node`'s netns with `settings_toml` as its settings
@@ -54,7 +61,8 @@ impl Agent {
         let mut cmd = node.command(bin_path("ferry"));
         cmd.env("KUBECONFIG", kubeconfig).env_remove("FERRY_NODE");
         let what = format!("Kubernetes agent on node {}", node.name());
-        let extra = ["--kubernetes".to_owned(), format!("--node={node_name}")];
+        let mut extra = vec!["--kubernetes".to_owned(), format!("--node={node_name}")];
+        extra.extend(probe_cgroup(node));
         Self::launch_with(cmd, settings_toml, |cmd| node.spawn(cmd), &what, true, &extra)
     }
 
@@ -62,7 +70,15 @@ impl Agent {
     /// sidecars it is compared with log nothing either). The events file is still written.
     pub fn start_without_access_log(node: &SimNode, mesh_toml: &str) -> Result<Agent> {
         let what = format!("agent on node {}", node.name());
-        Self::launch(node.command(bin_path("ferry")), mesh_toml, |cmd| node.spawn(cmd), &what, false)
+        let extra = probe_cgroup(node);
+        Self::launch_with(
+            node.command(bin_path("ferry")),
+            mesh_toml,
+            |cmd| node.spawn(cmd),
+            &what,
+            false,
+            &extra,
+        )
     }
 
     /// Starts `ferry run` as a classic sidecar of `pod`: inside the pod's netns (not its cgroup),
@@ -272,6 +288,12 @@ fn parse_events(text: &str) -> Vec<Value> {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("agent event line is not JSON ({e}): {l:?}"))
         })
         .collect()
+}
+
+/// `--probe-cgroup` for an agent on `node`: the node's cgroup root, where its "kubelet" runs (see
+/// [`SimNode::command_in_cgroup`]), so the probe programs never touch the machine's other processes.
+fn probe_cgroup(node: &SimNode) -> Vec<String> {
+    vec![format!("--probe-cgroup={}", node.cgroup_root().display())]
 }
 
 #[cfg(test)]

@@ -180,6 +180,14 @@ impl SimNode {
         cgroup::create(pod.cgroup_path())
     }
 
+    /// A command that runs `program` in the node's netns and in cgroup `dir` (under the node's
+    /// cgroup root: the node's own processes, such as its kubelet).
+    pub fn command_in_cgroup(&self, program: impl AsRef<OsStr>, dir: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        process::enter_on_exec(&mut cmd, &self.netns_path, Some(dir));
+        cmd
+    }
+
     /// A command that runs `program` in the node's network namespace (in no pod cgroup): the agent.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new(program);

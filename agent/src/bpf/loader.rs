@@ -14,7 +14,7 @@ use aya::{
     },
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps, links::FdLink},
 };
-use ferry_common::{CaptureConfig, PodAddr, PodCounters, maps, programs};
+use ferry_common::{CaptureConfig, PodAddr, PodCounters, ProbeSource, maps, programs};
 
 use super::{OrigDstTable, PodAttachment, Steering, addr::pod_addr};
 
@@ -87,6 +87,8 @@ pub struct CaptureParams {
 pub struct Datapath {
     ebpf: Ebpf,
     steering: Steering,
+    /// The probe programs' links on the node's cgroup (for the agent's lifetime).
+    probe_links: Vec<FdLink>,
     counters: PerCpuArray<MapData, u64>,
     pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
     inbound_pod_counters: PerCpuHashMap<MapData, PodAddr, u64>,
@@ -100,7 +102,7 @@ impl Datapath {
     /// original-destination table for the proxy.
     pub fn load(params: &CaptureParams) -> Result<(Self, OrigDstTable), DatapathError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
-        for name in CGROUP_SOCK_ADDR {
+        for name in CGROUP_SOCK_ADDR.into_iter().chain([programs::PROBE_CONNECT4, programs::PROBE_CONNECT6]) {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DatapathError::Program { what: format!("loading {name}"), source })?;
@@ -118,11 +120,13 @@ impl Datapath {
         let steering = Steering::new(
             take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
             take_map(&mut ebpf, maps::TUNNEL_LISTENERS)?,
+            take_map(&mut ebpf, maps::POD_ADDRS)?,
         );
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let pod_counters = take_map(&mut ebpf, maps::POD_COUNTERS)?;
         let inbound_pod_counters = take_map(&mut ebpf, maps::INBOUND_POD_COUNTERS)?;
-        let mut datapath = Self { ebpf, steering, counters, pod_counters, inbound_pod_counters };
+        let mut datapath =
+            Self { ebpf, steering, probe_links: Vec::new(), counters, pod_counters, inbound_pod_counters };
         datapath.configure(params)?;
         Ok((datapath, orig_dst))
     }
@@ -199,14 +203,34 @@ impl Datapath {
         Ok(att)
     }
 
-    /// Lets SYNs from `addrs` (the node's own addresses: the kubelet's probes) reach apps directly.
-    pub fn set_node_addresses(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, PodAddr, u8> = map_mut(&mut self.ebpf, maps::NODE_ADDRS)?;
-        for ip in addrs {
-            map.insert(pod_addr(*ip), 1, 0).map_err(|source| DatapathError::Map {
-                what: format!("registering node address {ip}"),
-                source,
-            })?;
+    /// Binds the node's own connects to enrolled pods (processes of netns `host_netns` in
+    /// `cgroup` and below: the kubelet) to `ip4`/`ip6`, and lets SYNs from those reach apps.
+    pub fn enable_probes(
+        &mut self,
+        cgroup: &Path,
+        host_netns: u64,
+        ip4: std::net::Ipv4Addr,
+        ip6: std::net::Ipv6Addr,
+    ) -> Result<(), DatapathError> {
+        let mut source: Array<_, ProbeSource> = map_mut(&mut self.ebpf, maps::PROBE_SOURCE)?;
+        let value = ProbeSource {
+            host_netns,
+            ip6: pod_addr(IpAddr::V6(ip6)).ip,
+            ip4: u32::from(ip4).to_be(),
+            enabled: 1,
+        };
+        source
+            .set(0, value, 0)
+            .map_err(|source| DatapathError::Map { what: "writing the probe source".into(), source })?;
+        let fd = std::fs::File::open(cgroup)
+            .map_err(|source| DatapathError::Open { path: cgroup.to_owned(), source })?;
+        for name in [programs::PROBE_CONNECT4, programs::PROBE_CONNECT6] {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(fd.as_fd(), CgroupAttachMode::Single)
+                .map_err(|source| attach_err(name, cgroup, source))?;
+            let link = prog.take_link(id).map_err(|source| attach_err(name, cgroup, source))?;
+            self.probe_links.push(FdLink::try_from(link).map_err(|e| link_err(name, cgroup, e))?);
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use aya::maps::{MapData, SockHash};
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use ferry_common::PodAddr;
 
 use super::{DatapathError, pod_addr};
@@ -47,12 +47,18 @@ pub struct Steering(Arc<Mutex<Tables>>);
 struct Tables {
     inbound: SockHash<MapData, PodAddr>,
     tunnel: SockHash<MapData, PodAddr>,
+    /// Every steered address, for the probe programs.
+    pod_addrs: BpfHashMap<MapData, PodAddr, u8>,
     owners: HashMap<IpAddr, u64>,
 }
 
 impl Steering {
-    pub(super) fn new(inbound: SockHash<MapData, PodAddr>, tunnel: SockHash<MapData, PodAddr>) -> Self {
-        Self(Arc::new(Mutex::new(Tables { inbound, tunnel, owners: HashMap::new() })))
+    pub(super) fn new(
+        inbound: SockHash<MapData, PodAddr>,
+        tunnel: SockHash<MapData, PodAddr>,
+        pod_addrs: BpfHashMap<MapData, PodAddr, u8>,
+    ) -> Self {
+        Self(Arc::new(Mutex::new(Tables { inbound, tunnel, pod_addrs, owners: HashMap::new() })))
     }
 
     /// Steers SYNs for `ip` to `pod`'s listeners of the address's family.
@@ -78,6 +84,8 @@ impl Steering {
             let _ = t.inbound.remove(&key);
             return Err(map_err("registering the tunnel listener")(e).into());
         }
+        // Only probes need it: a failure costs the node's probes to this address, nothing else.
+        let _ = t.pod_addrs.insert(key, 1, 0);
         t.owners.insert(ip, pod.netns_cookie);
         Ok(())
     }
@@ -92,6 +100,7 @@ impl Steering {
         let key = pod_addr(ip);
         let _ = t.inbound.remove(&key);
         let _ = t.tunnel.remove(&key);
+        let _ = t.pod_addrs.remove(&key);
     }
 }
 

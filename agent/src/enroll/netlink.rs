@@ -80,6 +80,18 @@ impl Rtnl {
         ignore(self.request(msg, 0), libc::ENOENT)
     }
 
+    /// Adds `ip/prefix` to interface `index` (host scope on loopback); an existing one counts.
+    pub fn add_address(&mut self, index: u32, ip: IpAddr, prefix: u8) -> io::Result<()> {
+        let msg = RouteNetlinkMessage::NewAddress(address_message(index, ip, prefix));
+        ignore(self.request(msg, NLM_F_CREATE | NLM_F_EXCL), libc::EEXIST)
+    }
+
+    /// Removes `ip/prefix` from interface `index`; an absent one counts as removed.
+    pub fn del_address(&mut self, index: u32, ip: IpAddr, prefix: u8) -> io::Result<()> {
+        let msg = RouteNetlinkMessage::DelAddress(address_message(index, ip, prefix));
+        ignore(self.request(msg, 0), libc::EADDRNOTAVAIL)
+    }
+
     /// Every address of the netns, with its interface index.
     pub fn addresses(&mut self) -> io::Result<Vec<(u32, IpAddr)>> {
         self.seq = self.seq.wrapping_add(1);
@@ -197,6 +209,15 @@ impl AsFd for AddrEvents {
         // SAFETY: the fd is owned by `self.socket` and lives as long as `self`.
         unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) }
     }
+}
+
+fn address_message(index: u32, ip: IpAddr, prefix: u8) -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    msg.header.prefix_len = prefix;
+    msg.header.index = index;
+    msg.attributes = vec![AddressAttribute::Local(ip), AddressAttribute::Address(ip)];
+    msg
 }
 
 fn rule_message(rule: &MarkRule) -> RuleMessage {

@@ -128,7 +128,7 @@ impl PodNetns {
 }
 
 /// SO_NETNS_COOKIE of the calling thread's netns, read from a throwaway socket.
-fn netns_cookie() -> std::io::Result<u64> {
+pub fn netns_cookie() -> std::io::Result<u64> {
     // SAFETY: plain socket(2); the fd is owned immediately.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {

@@ -240,6 +240,8 @@ impl AdminState for Introspect {
                     "ferry_sockops" => "sockops",
                     "ferry_getpeername4" => "cgroup/getpeername4",
                     "ferry_getpeername6" => "cgroup/getpeername6",
+                    "ferry_probe_connect4" => "cgroup/connect4 (probes)",
+                    "ferry_probe_connect6" => "cgroup/connect6 (probes)",
                     _ => "sk_lookup",
                 };
                 BpfProgramView { name, id, kind: Some(kind.to_owned()) }
@@ -256,6 +258,7 @@ impl AdminState for Introspect {
             "tunnel_no_listener",
             "peer_rewritten",
             "node_passed",
+            "probe_bound",
         ];
         drop(dp);
         let pods = self.node.with_enrolled_blocking(|enrolled| {

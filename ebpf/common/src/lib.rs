@@ -61,6 +61,23 @@ pub struct CaptureConfig {
     pub enabled: u16,
 }
 
+/// Where the kubelet's probes come from, at index 0 of the `PROBE_SOURCE` array: connections that
+/// processes of the node's own netns make to an enrolled pod are bound to this address, and
+/// sk_lookup leaves SYNs from it to the app (so STRICT pods stay probe-able). Nothing forwarded by
+/// the node carries it: only sockets made on the node do.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProbeSource {
+    /// The node's netns cookie: only connects made there are bound.
+    pub host_netns: u64,
+    /// The IPv6 source, network byte order words.
+    pub ip6: [u32; 4],
+    /// The IPv4 source, network byte order.
+    pub ip4: u32,
+    /// Non-zero once set.
+    pub enabled: u32,
+}
+
 /// Indexes of the global per-CPU counters in the `COUNTERS` array.
 pub mod counter {
     /// connect() calls rewritten to the outbound listener.
@@ -82,10 +99,12 @@ pub mod counter {
     pub const TUNNEL_NO_LISTENER: u32 = 6;
     /// getpeername() answers rewritten to a captured socket's original destination.
     pub const PEER_REWRITTEN: u32 = 7;
-    /// SYNs from one of the node's own addresses (the kubelet's probes) left to reach the app.
+    /// SYNs from the probe source address (the kubelet's probes) left to reach the app.
     pub const NODE_PASSED: u32 = 8;
+    /// The node's own connects to enrolled pods bound to the probe source.
+    pub const PROBE_BOUND: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Per-pod counters, keyed by the pod's cgroup id (outbound) or first address (inbound).
@@ -109,8 +128,10 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// pod address -> HBONE tunnel listener socket.
     pub const TUNNEL_LISTENERS: &str = "TUNNEL_LISTENERS";
-    /// The node's own addresses, whose SYNs (the kubelet's probes) reach apps directly.
-    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// Where the kubelet's probes come from (index 0).
+    pub const PROBE_SOURCE: &str = "PROBE_SOURCE";
+    /// Every enrolled pod address (value unused): the node's connects to them are probes.
+    pub const POD_ADDRS: &str = "POD_ADDRS";
     /// Capture settings.
     pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
     /// Ports never captured.
@@ -141,6 +162,10 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "ferry_getpeername4";
     /// cgroup/getpeername6.
     pub const GETPEERNAME6: &str = "ferry_getpeername6";
+    /// cgroup/connect4 on the node's (kubelet's) cgroup: binds probes to the probe source.
+    pub const PROBE_CONNECT4: &str = "ferry_probe_connect4";
+    /// cgroup/connect6 on the node's cgroup.
+    pub const PROBE_CONNECT6: &str = "ferry_probe_connect6";
 }
 
 #[cfg(feature = "user")]
@@ -151,4 +176,5 @@ mod pod_impls {
     unsafe impl aya::Pod for super::PodAddr {}
     unsafe impl aya::Pod for super::CaptureConfig {}
     unsafe impl aya::Pod for super::PodCounters {}
+    unsafe impl aya::Pod for super::ProbeSource {}
 }

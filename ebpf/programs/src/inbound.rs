@@ -4,18 +4,18 @@
 //! every non-loopback address of the netns (the agent watches them), so a SYN for an address with
 //! no entry is dropped: it belongs to an enrolled pod whose new address is not registered yet, and
 //! the client's retransmit finds it steered. Nothing reaches a pod's app unproxied, with one
-//! exception: a SYN from one of the node's own addresses (the kubelet's probes) goes to the app as
-//! it would without the mesh, so STRICT pods stay probe-able. The host kernel drops packets from
-//! outside that claim one of its own addresses as their source (a martian source), so another
-//! node cannot use that exception by spoofing. Loopback (the proxy handing a connection to the
-//! app, or the app talking to itself) is never touched.
+//! exception: a SYN from the probe source address (which only the node's own connects carry, see
+//! `probe`) goes to the app as it would without the mesh, so STRICT pods stay probe-able. The node
+//! drops packets from outside that claim one of its own addresses as their source (a martian
+//! source), so another node cannot use that exception by spoofing. Loopback (the proxy handing a
+//! connection to the app, or the app talking to itself) is never touched.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use ferry_common::{AF_INET, AF_INET6, PodAddr, counter};
 
 use crate::{
     ctx::{ctx_read, read_ip6},
-    maps::{INBOUND_LISTENERS, INBOUND_POD_COUNTERS, NODE_ADDRS, TUNNEL_LISTENERS, capture_config, count},
+    maps::{INBOUND_LISTENERS, INBOUND_POD_COUNTERS, TUNNEL_LISTENERS, capture_config, count, probe_source},
 };
 
 const SK_PASS: u32 = 1;
@@ -42,15 +42,18 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         return SK_PASS;
     };
-    let remote = if family == u32::from(AF_INET) {
-        PodAddr { ip: [unsafe { ctx_read(&raw const (*lk).remote_ip4) }, 0, 0, 0], family }
-    } else {
-        PodAddr { ip: unsafe { read_ip6(&raw const (*lk).remote_ip6) }, family }
-    };
-    // SAFETY: plain value read from the map, tested for presence only.
-    if unsafe { NODE_ADDRS.get(&remote) }.is_some() {
-        count(counter::NODE_PASSED);
-        return SK_PASS;
+    if let Some(probe) = probe_source() {
+        let from_probe = if family == u32::from(AF_INET) {
+            let remote = unsafe { ctx_read(&raw const (*lk).remote_ip4) };
+            remote == probe.ip4
+        } else {
+            let remote = unsafe { read_ip6(&raw const (*lk).remote_ip6) };
+            remote == probe.ip6
+        };
+        if from_probe {
+            count(counter::NODE_PASSED);
+            return SK_PASS;
+        }
     }
     if unsafe { ctx_read(&raw const (*lk).local_port) } == u32::from(cfg.tunnel_port) {
         return match TUNNEL_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {

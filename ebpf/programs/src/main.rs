@@ -6,6 +6,8 @@
 //! - `inbound`: sk_lookup steers SYNs for any address of a pod's netns to the in-pod inbound (or
 //!   tunnel) listener, and drops those it has no listener for.
 //! - `peername`: getpeername4/6 answer a captured socket's original destination.
+//! - `probe`: connect4/6 on the node's cgroup bind the node's own connects to enrolled pods (the
+//!   kubelet's probes) to the probe source address, which sk_lookup exempts.
 #![no_std]
 #![no_main]
 
@@ -15,6 +17,7 @@ mod inbound;
 mod maps;
 mod outbound;
 mod peername;
+mod probe;
 
 #[cfg(not(test))]
 #[panic_handler]

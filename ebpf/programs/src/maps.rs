@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
-use ferry_common::{CaptureConfig, ConnKey, PodAddr, PodCounters, SockAddr};
+use ferry_common::{CaptureConfig, ConnKey, PodAddr, PodCounters, ProbeSource, SockAddr};
 
 /// Entries in the original-destination tables. LRU, so records the proxy never claims (an app that
 /// connects and dies before the SYN) age out instead of filling the table.
@@ -27,9 +27,13 @@ pub static ORIG_DST_BY_CONN: LruHashMap<ConnKey, SockAddr> = LruHashMap::with_ma
 #[map(name = "INBOUND_LISTENERS")]
 pub static INBOUND_LISTENERS: SockHash<PodAddr> = SockHash::with_max_entries(4096, 0);
 
-/// The node's own addresses (value unused): SYNs from them are the kubelet's probes.
-#[map(name = "NODE_ADDRS")]
-pub static NODE_ADDRS: HashMap<PodAddr, u8> = HashMap::with_max_entries(1024, 0);
+/// Where the kubelet's probes come from, at index 0.
+#[map(name = "PROBE_SOURCE")]
+pub static PROBE_SOURCE: Array<ProbeSource> = Array::with_max_entries(1, 0);
+
+/// Every enrolled pod address (value unused).
+#[map(name = "POD_ADDRS")]
+pub static POD_ADDRS: HashMap<PodAddr, u8> = HashMap::with_max_entries(4096, 0);
 
 /// Pod address -> the pod's HBONE tunnel listener.
 #[map(name = "TUNNEL_LISTENERS")]
@@ -79,4 +83,11 @@ pub fn count(index: u32) {
 pub fn capture_config() -> Option<CaptureConfig> {
     let cfg = CAPTURE_CONFIG.get(0)?;
     if cfg.enabled == 0 { None } else { Some(*cfg) }
+}
+
+/// The probe source; `None` until the agent has set it.
+#[inline(always)]
+pub fn probe_source() -> Option<ProbeSource> {
+    let p = PROBE_SOURCE.get(0)?;
+    if p.enabled == 0 { None } else { Some(*p) }
 }

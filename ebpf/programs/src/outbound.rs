@@ -107,7 +107,7 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
 
 /// Only TCP is captured: UDP and raw sockets go their own way.
 #[inline(always)]
-fn is_tcp(sa: *mut bpf_sock_addr) -> bool {
+pub(crate) fn is_tcp(sa: *mut bpf_sock_addr) -> bool {
     // SAFETY: `sa` is the kernel's bpf_sock_addr for this program type.
     let (ty, proto) = unsafe { (ctx_read(&raw const (*sa).type_), ctx_read(&raw const (*sa).protocol)) };
     ty == SOCK_STREAM && (proto == 0 || proto == IPPROTO_TCP)
