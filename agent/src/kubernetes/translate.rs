@@ -153,10 +153,12 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     out
 }
 
-/// Whether PeerAuthentication makes a pod STRICT: a policy selecting it in its namespace, else its
-/// namespace's, else the root namespace's (mesh-wide). PERMISSIVE, DISABLE and UNSET accept
-/// plaintext; a port set STRICT in `portLevelMtls` makes the pod STRICT (Ferry's modes are per pod,
-/// and failing closed on the other ports beats failing open on that one).
+/// Whether PeerAuthentication makes a pod STRICT, as Istio resolves it: the mode comes from the
+/// policy selecting the pod (the oldest, if several do), else its namespace's, else the root
+/// namespace's, each level's absent or UNSET `mtls` inheriting from the next; PERMISSIVE when none
+/// says. DISABLE is treated as PERMISSIVE. A port set STRICT in the selecting policy's
+/// `portLevelMtls` makes the pod STRICT (Ferry's modes are per pod, and failing closed on the other
+/// ports beats failing open on that one).
 fn strict_mode(
     pas: Option<&[Arc<DynamicObject>]>,
     namespace: &str,
@@ -173,24 +175,32 @@ fn strict_mode(
             Some(_) => Some(false),
         }
     };
-    let in_ns = |ns: &str| -> Vec<&Arc<DynamicObject>> {
-        pas.iter().filter(|pa| pa.metadata.namespace.as_deref() == Some(ns)).collect()
+    // Oldest first, as Istio breaks ties; the name makes the order total.
+    let mut ordered: Vec<&Arc<DynamicObject>> = pas.iter().collect();
+    ordered
+        .sort_by_key(|pa| (pa.metadata.creation_timestamp.as_ref().map(|t| t.0), pa.metadata.name.clone()));
+    let in_ns = |ns: &str, selecting: bool| {
+        ordered.iter().copied().find(|pa| {
+            pa.metadata.namespace.as_deref() == Some(ns)
+                && if selecting { selects(pa) == Some(true) } else { selects(pa).is_none() }
+        })
     };
-    let (own, root) = (in_ns(namespace), in_ns(root_namespace));
-    let chosen = own
-        .iter()
-        .find(|pa| selects(pa) == Some(true))
-        .or_else(|| own.iter().find(|pa| selects(pa).is_none()))
-        .or_else(|| root.iter().find(|pa| selects(pa).is_none()));
-    let Some(pa) = chosen else { return false };
-    let spec = pa.data.get("spec");
-    let mode = |v: Option<&Value>| v.and_then(|m| m.get("mode")).and_then(Value::as_str).map(str::to_owned);
-    let pod_wide = mode(spec.and_then(|s| s.get("mtls")));
-    let port_strict = spec
-        .and_then(|s| s.get("portLevelMtls"))
-        .and_then(Value::as_object)
-        .is_some_and(|ports| ports.values().any(|p| mode(Some(p)).as_deref() == Some("STRICT")));
-    pod_wide.as_deref() == Some("STRICT") || port_strict
+    let workload = in_ns(namespace, true);
+    let levels = [workload, in_ns(namespace, false), in_ns(root_namespace, false)];
+    let mode = |pa: &DynamicObject| -> Option<String> {
+        let mode = pa.data.get("spec")?.get("mtls")?.get("mode")?.as_str()?;
+        (mode != "UNSET").then(|| mode.to_owned())
+    };
+    let effective = levels.iter().flatten().find_map(|pa| mode(pa));
+    // Istio only honours portLevelMtls with a selector; a STRICT port at any level that applies is
+    // still taken as STRICT (failing closed).
+    let port_strict = levels.iter().flatten().any(|pa| {
+        let ports = pa.data.get("spec").and_then(|s| s.get("portLevelMtls")).and_then(Value::as_object);
+        ports.is_some_and(|ports| {
+            ports.values().any(|p| p.get("mode").and_then(Value::as_str) == Some("STRICT"))
+        })
+    });
+    effective.as_deref() == Some("STRICT") || port_strict
 }
 
 /// `[[services]]`: ClusterIP services with at least one ready endpoint that is a mesh pod; the
@@ -479,7 +489,21 @@ mod tests {
                 )],
                 true,
             ),
-            (vec![pa("other", strict)], false),
+            (vec![pa("other", strict.clone())], false),
+            // An absent or UNSET mode inherits: a workload policy with only ports, under a STRICT
+            // namespace, leaves the pod STRICT.
+            (
+                vec![
+                    pa("demo", strict.clone()),
+                    pa(
+                        "demo",
+                        json!({"selector": {"matchLabels": {"app": "web"}}, "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}}}),
+                    ),
+                ],
+                true,
+            ),
+            (vec![pa(root, strict.clone()), pa("demo", json!({"mtls": {"mode": "UNSET"}}))], true),
+            (vec![pa(root, strict), pa("demo", json!({"mtls": {}}))], true),
         ];
         for (i, (pas, want)) in cases.into_iter().enumerate() {
             assert_eq!(strict_mode(Some(&pas), "demo", &labels, root), want, "case {i}");
