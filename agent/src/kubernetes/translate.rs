@@ -264,7 +264,8 @@ fn services(snapshot: &Snapshot, in_mesh: &BTreeMap<(String, String), ()>) -> Ve
             let by_slice = slices
                 .iter()
                 .flat_map(|s| s.ports.iter().flatten())
-                .find(|p| p.name == port.name)
+                // An unnamed service port is "" in its slices.
+                .find(|p| p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or(""))
                 .and_then(|p| p.port);
             let target = match &port.target_port {
                 Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => Some(*n),
@@ -565,6 +566,20 @@ mod tests {
         assert_eq!(ports.len(), 1, "UDP is not proxied");
         assert_eq!(ports[0]["target_port"].as_integer(), Some(8080));
         assert_eq!(ports[0]["protocol"].as_str(), Some("http"));
+        // A single unnamed port with a named target: the slice lists it under "".
+        let mut svc = (*s.services[0]).clone();
+        let spec = svc.spec.as_mut().unwrap();
+        spec.ports = Some(vec![
+            serde_json::from_value(json!({"port": 80, "targetPort": "web", "protocol": "TCP"})).unwrap(),
+        ]);
+        s.services = vec![Arc::new(svc)];
+        let mut slice = (*s.slices[0]).clone();
+        slice.ports =
+            Some(vec![serde_json::from_value(json!({"name": "", "port": 9090, "protocol": "TCP"})).unwrap()]);
+        s.slices = vec![Arc::new(slice)];
+        let (table, _) = mesh(&Table::new(), "n1", &s);
+        let port = &table["services"].as_array().unwrap()[0]["ports"].as_array().unwrap()[0];
+        assert_eq!(port["target_port"].as_integer(), Some(9090));
     }
 
     #[test]
