@@ -14,15 +14,16 @@ use crate::enroll::{netns::PodNetns, transparent};
 /// How long an upstream connect may take before the downstream connection is closed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A non-blocking, close-on-exec TCP socket of `addr`'s family, in the calling thread's netns.
+fn tcp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
+}
+
 /// Binds a listener at `addr` inside the pod's netns.
 pub async fn listen_in(netns: &PodNetns, addr: SocketAddr) -> io::Result<TcpListener> {
     let std_listener = netns
         .run(move || -> io::Result<StdListener> {
-            let socket = Socket::new(
-                Domain::for_address(addr),
-                Type::STREAM.nonblocking().cloexec(),
-                Some(Protocol::TCP),
-            )?;
+            let socket = tcp_socket(addr)?;
             socket.set_reuse_address(true)?;
             if addr.is_ipv6() {
                 socket.set_only_v6(true)?;
@@ -40,11 +41,7 @@ pub async fn listen_in(netns: &PodNetns, addr: SocketAddr) -> io::Result<TcpList
 pub async fn connect_from(netns: &PodNetns, target: SocketAddr) -> io::Result<TcpStream> {
     let std_stream = netns
         .run(move || -> io::Result<StdStream> {
-            let socket = Socket::new(
-                Domain::for_address(target),
-                Type::STREAM.nonblocking().cloexec(),
-                Some(Protocol::TCP),
-            )?;
+            let socket = tcp_socket(target)?;
             socket.set_tcp_nodelay(true)?;
             Ok(socket.into())
         })
@@ -89,11 +86,7 @@ async fn transparent_socket(
 ) -> io::Result<TcpSocket> {
     let std_stream = netns
         .run(move || -> io::Result<StdStream> {
-            let socket = Socket::new(
-                Domain::for_address(target),
-                Type::STREAM.nonblocking().cloexec(),
-                Some(Protocol::TCP),
-            )?;
+            let socket = tcp_socket(target)?;
             if target.is_ipv4() {
                 socket.set_ip_transparent_v4(true)?;
             } else {
