@@ -1,5 +1,5 @@
-//! `ferry run`: load the programs, enroll the node's pods, proxy until told to stop, and leave
-//! nothing behind in the kernel. With `capture.mode = "iptables"` it is a classic sidecar instead:
+//! `ferry run`: adopt (or load and pin) the programs, enroll the node's pods, proxy until told to
+//! stop, and leave the pinned datapath behind, so no stop ever opens a bypass. With `capture.mode = "iptables"` it is a classic sidecar instead:
 //! started inside its pod's netns (with the group id the pod's rules exempt), it loads no programs
 //! and relies on the pod's REDIRECT rules.
 
@@ -50,6 +50,8 @@ pub struct RunOptions {
     /// The cgroup whose processes' connects to pods are the kubelet's probes (default: the
     /// cgroup2 root, so every process of the node's netns).
     pub probe_cgroup: Option<PathBuf>,
+    /// Where the datapath is pinned (on bpffs).
+    pub bpf_root: PathBuf,
     /// Changes the log filter at run time (`ferry log-level`).
     pub log: Option<LogControl>,
 }
@@ -112,7 +114,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let (datapath, orig_dst) = match capture.mode {
         CaptureMode::Ebpf => {
-            let (datapath, table) = Datapath::load(&params).context("loading eBPF programs")?;
+            let pins = crate::bpf::PinRoot::open(&opts.bpf_root)
+                .with_context(|| format!("opening the pin root {}", opts.bpf_root.display()))?;
+            for other in pins.other_versions() {
+                tracing::warn!(path = %other.display(), "pins of another layout version are left alone (ferry uninstall removes them)");
+            }
+            let (datapath, table) = Datapath::load(&params, pins).context("loading eBPF programs")?;
+            if datapath.adopted() {
+                tracing::info!("adopted the pinned datapath");
+            }
             (Some(datapath), OrigDst::Ebpf(table))
         }
         CaptureMode::Iptables => {
@@ -185,9 +195,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // The scrape hook holds a reference to the node state too.
     metrics.set_bpf_source(Arc::new(Vec::new));
     node.shutdown().await;
-    // Dropping the last reference unloads the programs and closes the maps.
+    // The programs, maps and links stay pinned (`ferry uninstall` removes them): the pods fail
+    // closed until the next agent serves them, and the kubelet's probes still reach them.
     drop(node);
-    drop(probe_addresses);
+    if let Some(addresses) = probe_addresses {
+        addresses.keep();
+    }
     shared.events.emit(json!({ "event": "shutdown" }));
     Ok(())
 }

@@ -19,3 +19,4 @@ pub mod probes;
 pub mod proxy;
 pub mod reconcile;
 pub mod sources;
+pub mod uninstall;

@@ -50,6 +50,16 @@ enum Command {
         /// cgroup2 root: every process in the node's network namespace).
         #[arg(long)]
         probe_cgroup: Option<PathBuf>,
+        /// Where the datapath is pinned (on bpffs; /sys/fs/bpf is mounted when nothing is).
+        #[arg(long, default_value = ferry::bpf::pins::DEFAULT_ROOT)]
+        bpf_root: PathBuf,
+    },
+    /// Remove everything Ferry left in the kernel (pinned programs, maps and links; the probe
+    /// source addresses): the pods talk directly again. Refused while an agent is running.
+    Uninstall {
+        /// Where the datapath is pinned.
+        #[arg(long, default_value = ferry::bpf::pins::DEFAULT_ROOT)]
+        bpf_root: PathBuf,
     },
     /// Manage the embedded CA.
     #[command(subcommand)]
@@ -95,6 +105,7 @@ fn main() -> ExitCode {
             kubernetes,
             node,
             probe_cgroup,
+            bpf_root,
         } => init_logging().and_then(|log| {
             run_daemon(ferry::daemon::RunOptions {
                 config,
@@ -108,9 +119,11 @@ fn main() -> ExitCode {
                 kubernetes,
                 node,
                 probe_cgroup,
+                bpf_root,
                 log: Some(log),
             })
         }),
+        Command::Uninstall { bpf_root } => ferry::uninstall::run(&cli.global.admin_socket, &bpf_root),
         Command::Ca(cmd) => init_logging().and_then(|_| run_ca(cmd)),
     };
     match result {

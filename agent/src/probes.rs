@@ -37,6 +37,21 @@ impl SourceAddresses {
     }
 }
 
+impl SourceAddresses {
+    /// Leaves the addresses on loopback: the probe programs stay pinned after the agent, and
+    /// the kubelet's probes keep reaching the pods while no agent runs.
+    pub fn keep(mut self) {
+        self.added.clear();
+    }
+}
+
+/// Removes both addresses from the calling thread's netns' loopback (`ferry uninstall`).
+pub fn remove_from_loopback() -> io::Result<()> {
+    let mut rtnl = Rtnl::open()?;
+    rtnl.del_address(LOOPBACK, IpAddr::V4(SOURCE_V4), 32)?;
+    rtnl.del_address(LOOPBACK, IpAddr::V6(SOURCE_V6), 128)
+}
+
 impl Drop for SourceAddresses {
     fn drop(&mut self) {
         let Ok(mut rtnl) = Rtnl::open() else { return };

@@ -83,6 +83,8 @@ pub struct NodeState {
     host: Option<Host>,
     /// Whether the source has delivered its state once (the Kubernetes caches are listed).
     synced: std::sync::atomic::AtomicBool,
+    /// Whether pins of pods that left while no agent ran may still be in bpffs.
+    sweep_pending: std::sync::atomic::AtomicBool,
 }
 
 impl NodeState {
@@ -96,6 +98,7 @@ impl NodeState {
             waiting: Default::default(),
             host,
             synced: std::sync::atomic::AtomicBool::new(true),
+            sweep_pending: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -122,7 +125,33 @@ impl NodeState {
                 Err(err) => self.wait(&pod.key(), &err),
             }
         }
+        self.sweep_departed(&enrolled);
         enrolled.len()
+    }
+
+    /// Unpins what an earlier agent left for pods that are gone, once the desired state is known
+    /// and every pod in it is enrolled: a pod still waiting may be one of those pins' owners, and
+    /// its pins keep it failing closed until it is served again.
+    fn sweep_departed(&self, enrolled: &BTreeMap<String, (Pod, Enrollment)>) {
+        use std::sync::atomic::Ordering;
+        if !self.sweep_pending.load(Ordering::Acquire)
+            || !self.synced()
+            || !self.waiting.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        {
+            return;
+        }
+        self.sweep_pending.store(false, Ordering::Release);
+        let Some(datapath) = &self.datapath else { return };
+        let claimed = enrolled.values().filter_map(|(_, e)| e.pin_dir()).collect();
+        let dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
+        let pods = dp.remove_unclaimed_pods(&claimed);
+        let addresses = dp.steering().prune_unowned();
+        if pods > 0 || addresses > 0 {
+            tracing::info!(pods, addresses, "removed the pins of pods that left while no agent ran");
+            self.shared
+                .events
+                .emit(json!({ "event": "departed_unpinned", "pods": pods, "addresses": addresses }));
+        }
     }
 
     /// Retries the waiting pods whose backoff has passed.
@@ -133,6 +162,9 @@ impl NodeState {
             waiting.iter().filter(|(_, w)| w.next <= now).map(|(k, _)| k.clone()).collect()
         };
         if due.is_empty() {
+            if self.sweep_pending.load(std::sync::atomic::Ordering::Acquire) {
+                self.sweep_departed(&*self.enrolled.lock().await);
+            }
             return;
         }
         let config = self.shared.state().config.clone();
@@ -152,6 +184,7 @@ impl NodeState {
                 Err(err) => self.wait(&key, &err),
             }
         }
+        self.sweep_departed(&enrolled);
     }
 
     /// The pods that should be enrolled and are not, with why.
@@ -245,13 +278,16 @@ impl NodeState {
         }
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         waiting.retain(|key, _| !enrolled.contains_key(key) && config_has(&self.shared, key));
+        drop(waiting);
+        self.sweep_departed(&enrolled);
         Ok(report)
     }
 
-    /// Unenrolls everything (detaching programs and closing listeners).
+    /// Stops serving every pod but leaves the datapath pinned (programs attached, addresses
+    /// steered to nothing): until the next agent serves them, the pods fail closed.
     pub async fn shutdown(&self) {
         for (_, (_, e)) in std::mem::take(&mut *self.enrolled.lock().await) {
-            e.unenroll();
+            e.release();
         }
     }
 
@@ -265,9 +301,10 @@ impl NodeState {
         let e =
             Enrollment::enroll(pod, self.datapath.as_ref(), self.shared.clone(), self.host.as_ref()).await?;
         self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&e.key);
-        tracing::info!(pod = %e.key, "enrolled");
+        tracing::info!(pod = %e.key, adopted_links = e.adopted_links(), "enrolled");
         self.shared.events.emit(json!({
             "event": "enrolled", "pod": e.key, "cgroup": e.cgroup, "netns_cookie": e.netns_cookie(),
+            "adopted_links": e.adopted_links(),
             "links": e.link_ids().iter().map(|(p, id)| json!({"program": p, "id": id})).collect::<Vec<_>>(),
         }));
         Ok(e)

@@ -1,5 +1,6 @@
-//! Agent lifecycle: shutdown detaches every program and link and closes every listener; a pod that
-//! cannot be enrolled waits for its retry without holding up the others, and health says so.
+//! Agent lifecycle: a shutdown closes every listener and leaves exactly the pinned datapath (the
+//! pods fail closed until the next agent), `ferry uninstall` removes everything; a pod that cannot
+//! be enrolled waits for its retry without holding up the others, and health says so.
 
 mod common;
 
@@ -49,8 +50,26 @@ fn listening_ports(pod: &ferry_tests::Pod) -> Vec<u16> {
         .collect()
 }
 
+/// Names of the entries of directory `dir` (sorted).
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Whether `text` (ip addr show) has the probe source address.
+fn node_has_probe_source(node: &ferry_tests::SimNode) -> bool {
+    let lo = Command::new("ip")
+        .args(["netns", "exec", node.netns_name(), "ip", "addr", "show", "dev", "lo"])
+        .output()
+        .expect("ip addr");
+    String::from_utf8_lossy(&lo.stdout).contains("169.254.7.127")
+}
+
 #[test]
-fn shutdown_leaves_no_programs_links_or_listeners() {
+fn shutdown_leaves_only_the_pinned_datapath_and_uninstall_leaves_nothing() {
     let s = Scenario::start("shut").unwrap();
     let ready = events_of(&s.agent, "ready").pop().expect("ready event");
     let prog_ids: Vec<u64> =
@@ -75,12 +94,7 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
         let ports = listening_ports(pod);
         assert!(ports.contains(&15001) && ports.contains(&15006), "{} listens: {ports:?}", pod.name());
     }
-    let lo = Command::new("ip")
-        .args(["netns", "exec", s.node.netns_name(), "ip", "addr", "show", "dev", "lo"])
-        .output()
-        .expect("ip addr");
-    assert!(String::from_utf8_lossy(&lo.stdout).contains("169.254.7.127"), "the probe source is on the node");
-    // Traffic flows through the proxy before shutdown.
+    assert!(node_has_probe_source(&s.node), "the probe source is on the node");
     let target = sock(s.servers[0].ipv4().into(), SERVER_PORT);
     let before = connect(&s.client, &target, &["--bytes", "10"]).unwrap();
     assert!(before["local_addrs"][0].as_str().unwrap().starts_with("127.0.0.1:"), "{before}");
@@ -89,26 +103,47 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
     let status = agent.stop().unwrap();
     assert!(status.success(), "agent exits cleanly on SIGTERM: {status:?}");
 
-    let left_progs = still_listed("prog", &prog_ids);
-    let left_links = still_listed("link", &link_ids);
-    assert!(left_progs.is_empty(), "programs left loaded: {left_progs:?}");
-    assert!(left_links.is_empty(), "links left attached: {left_links:?}");
+    // SIGTERM leaves exactly the pinned datapath: the same programs and links, pinned under the
+    // versioned root, and no listener in any pod.
+    let version = agent.pins().join(format!("v{}", ferry_common::LAYOUT_VERSION));
+    assert_eq!(entries(agent.pins()), [format!("v{}", ferry_common::LAYOUT_VERSION)]);
+    assert_eq!(entries(&version), ["maps", "node", "pods", "programs"]);
+    assert_eq!(entries(&version.join("maps")).len(), ferry_common::maps::ALL.len());
+    assert_eq!(entries(&version.join("programs")).len(), 8);
+    let pods = entries(&version.join("pods"));
+    assert_eq!(pods.len(), 3, "one link directory per pod: {pods:?}");
+    for pod in &pods {
+        assert_eq!(entries(&version.join("pods").join(pod)).len(), 6, "{pod}");
+    }
+    let (progs, links) = (bpf_ids("prog"), bpf_ids("link"));
+    let gone: Vec<&u64> = prog_ids.iter().filter(|id| !progs.contains(id)).collect();
+    assert!(gone.is_empty(), "programs unloaded by SIGTERM: {gone:?}");
+    let gone: Vec<&u64> = link_ids.iter().filter(|id| !links.contains(id)).collect();
+    assert!(gone.is_empty(), "links detached by SIGTERM: {gone:?}");
     for pod in [&client, &servers[0], &servers[1]] {
         let ports = listening_ports(pod);
         assert!(
-            !ports.contains(&15001) && !ports.contains(&15006),
+            !ports.contains(&15001) && !ports.contains(&15006) && !ports.contains(&15008),
             "{} still listens: {ports:?}",
             pod.name()
         );
     }
-    // The probe source left the node's loopback.
-    let lo = Command::new("ip")
-        .args(["netns", "exec", node.netns_name(), "ip", "addr", "show", "dev", "lo"])
-        .output()
-        .expect("ip addr");
-    let lo = String::from_utf8_lossy(&lo.stdout);
-    assert!(!lo.contains("169.254.7.127"), "the probe source stayed on the node: {lo}");
-    // Transparent inbound's reply routing is gone from every pod too.
+    // Fail closed while no agent runs: the captured connect finds no proxy and never reaches the
+    // server directly.
+    let gap = connect(&client, &target, &["--bytes", "10", "--timeout-ms", "1500"]).unwrap();
+    assert_eq!(gap["ok"], 0, "no connection without an agent: {gap}");
+    assert!(gap["peers_seen_by_server"].as_array().is_none_or(|p| p.is_empty()), "{gap}");
+    assert!(node_has_probe_source(&node), "the kubelet's probes keep their source while no agent runs");
+
+    // Uninstall removes everything.
+    let said = agent.uninstall(&node).unwrap();
+    assert!(said.contains("removed"), "{said}");
+    assert!(!agent.pins().exists(), "the pin root is gone");
+    let left_progs = still_listed("prog", &prog_ids);
+    let left_links = still_listed("link", &link_ids);
+    assert!(left_progs.is_empty(), "programs left loaded: {left_progs:?}");
+    assert!(left_links.is_empty(), "links left attached: {left_links:?}");
+    assert!(!node_has_probe_source(&node), "the probe source stayed on the node");
     for pod in [&client, &servers[0], &servers[1]] {
         let rules = std::process::Command::new("ip")
             .args(["netns", "exec", pod.netns_name(), "ip", "rule", "show"])
@@ -126,39 +161,13 @@ fn shutdown_leaves_no_programs_links_or_listeners() {
 }
 
 #[test]
-fn agent_crash_leaves_pod_networking_working() {
-    let s = Scenario::start("crash").unwrap();
-    let ready = events_of(&s.agent, "ready").pop().expect("ready event");
-    let prog_ids: Vec<u64> =
-        ready["programs"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
+fn uninstall_is_refused_while_an_agent_runs() {
+    let s = Scenario::start("unr").unwrap();
+    let err = s.agent.uninstall(&s.node).expect_err("refused");
+    assert!(format!("{err:#}").contains("an agent is running"), "{err:#}");
     let target = sock(s.servers[0].ipv4().into(), SERVER_PORT);
-    let before = connect(&s.client, &target, &["--bytes", "10"]).unwrap();
-    assert!(
-        before["local_addrs"][0].as_str().unwrap().starts_with("127.0.0.1:"),
-        "captured while running: {before}"
-    );
-
-    // SIGKILL: no shutdown code runs. The kernel closes the agent's fds, which detaches the
-    // fd-based links, unloads the programs and closes the in-pod listeners.
-    let pid = s.agent.pid() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z")).unwrap_or(false)
-    {
-        assert!(Instant::now() < deadline, "agent did not die");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let left = still_listed("prog", &prog_ids);
-    assert!(left.is_empty(), "programs still loaded after the crash: {left:?}");
-    let ports = listening_ports(&s.client);
-    assert!(!ports.contains(&15001) && !ports.contains(&15006), "listeners died with the agent: {ports:?}");
-    let after = connect(&s.client, &target, &["--bytes", "10"]).unwrap();
-    assert_eq!(after["ok"], 1, "the pod still reaches the server after the crash: {after}");
-    assert!(
-        after["local_addrs"][0].as_str().unwrap().starts_with(&format!("{}:", s.client.ipv4())),
-        "and does so directly: {after}"
-    );
+    let r = connect(&s.client, &target, &["--bytes", "10"]).unwrap();
+    assert_eq!(r["ok"], 1, "the mesh is untouched: {r}");
 }
 
 /// GET `path` on the agent's health endpoint (127.0.0.1:15021 in the node's netns): the status.

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -26,8 +26,57 @@ pub struct Agent {
     /// In a mutex so waiting (which reaps on exit) works through a shared reference.
     child: Mutex<ChildGuard>,
     pid: u32,
-    dir: tempfile::TempDir,
+    /// Shared with the agent's successors ([`Agent::start_successor`]): one node's files.
+    dir: Arc<tempfile::TempDir>,
+    /// The node's pinned datapath: removed once the last agent of the node is gone (declared after
+    /// `child`, so the process is dead first).
+    pins: Arc<Pins>,
+    /// 0 for the first agent of a node, n for its n-th successor (its own events and logs).
+    generation: u32,
+    /// How the agent was started, for a successor.
+    launch: Launch,
 }
+
+/// How an agent was started: what a successor repeats.
+#[derive(Debug, Clone)]
+struct Launch {
+    program: PathBuf,
+    extra: Vec<String>,
+    access_log: bool,
+}
+
+/// One node's pin root under bpffs (`/sys/fs/bpf/ferry-test-<pid>-<n>-agent`, a name the sweep
+/// recognises), removed when dropped: what `ferry uninstall` would remove, minus the node's
+/// loopback addresses, which go with the node's netns.
+#[derive(Debug)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    fn new() -> Self {
+        let name = crate::names::cgroup_dir_name(&crate::names::fresh_uid(), "agent");
+        Self { root: Path::new(BPFFS).join(name) }
+    }
+
+    /// The pin root the agent is given.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.root)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("ferry-tests: removing pins {}: {e}", self.root.display());
+        }
+    }
+}
+
+/// Where the harness's pin roots live.
+pub const BPFFS: &str = "/sys/fs/bpf";
 
 impl Agent {
     /// Starts `ferry run --config DIR/mesh.toml --events DIR/events.jsonl` in `node`'s netns and
@@ -105,43 +154,118 @@ impl Agent {
 
     /// [`Agent::launch`] with `extra` arguments to `ferry run`.
     fn launch_with(
-        mut cmd: Command,
+        cmd: Command,
         mesh_toml: &str,
         spawn: impl FnOnce(Command) -> Result<ChildGuard>,
         what: &str,
         access_log: bool,
         extra: &[String],
     ) -> Result<Agent> {
-        let dir =
-            tempfile::Builder::new().prefix("ferry-agent-").tempdir().context("cannot create a temp dir")?;
+        let dir = Arc::new(
+            tempfile::Builder::new().prefix("ferry-agent-").tempdir().context("cannot create a temp dir")?,
+        );
         let mesh = dir.path().join("mesh.toml");
         std::fs::write(&mesh, mesh_toml).with_context(|| format!("cannot write {}", mesh.display()))?;
-        let events = dir.path().join("events.jsonl");
+        let launch = Launch { program: PathBuf::from(cmd.get_program()), extra: extra.to_vec(), access_log };
+        let agent = Self::spawn_generation(cmd, dir, Arc::new(Pins::new()), 0, launch, spawn)?;
+        agent
+            .wait_for_event(|e| e["event"] == "ready", READY_TIMEOUT)
+            .with_context(|| format!("{what} did not become ready"))?;
+        Ok(agent)
+    }
+
+    /// Spawns `ferry run` generation `generation` of a node: the node's mesh file, admin socket
+    /// and pin root, its own events file and logs.
+    fn spawn_generation(
+        mut cmd: Command,
+        dir: Arc<tempfile::TempDir>,
+        pins: Arc<Pins>,
+        generation: u32,
+        launch: Launch,
+        spawn: impl FnOnce(Command) -> Result<ChildGuard>,
+    ) -> Result<Agent> {
+        let file = |name: &str| dir.path().join(generation_name(name, generation));
         let log = |name: &str| -> Result<File> {
-            let path = dir.path().join(name);
+            let path = file(name);
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))
         };
         // Logs go to files rather than pipes: nothing to drain, and they outlive the process.
         cmd.arg("run")
             .arg("--config")
-            .arg(&mesh)
+            .arg(dir.path().join("mesh.toml"))
             .arg("--events")
-            .arg(&events)
+            .arg(file("events.jsonl"))
             .arg("--admin-socket")
             .arg(dir.path().join("admin.sock"))
+            .arg("--bpf-root")
+            .arg(pins.root())
             .stdin(Stdio::null())
             .stdout(log("stdout.log")?)
             .stderr(log("stderr.log")?);
-        if access_log {
+        if launch.access_log {
             cmd.arg("--access-log").arg(dir.path().join("access.log"));
         }
-        cmd.args(extra);
+        cmd.args(&launch.extra);
         let child = spawn(cmd)?;
-        let agent = Agent { pid: child.pid(), child: Mutex::new(child), dir };
-        agent
-            .wait_for_event(|e| e["event"] == "ready", READY_TIMEOUT)
-            .with_context(|| format!("{what} did not become ready"))?;
+        Ok(Agent { pid: child.pid(), child: Mutex::new(child), dir, pins, generation, launch })
+    }
+
+    /// The node's pin root.
+    pub fn pins(&self) -> &Path {
+        self.pins.root()
+    }
+
+    /// Starts the next agent of `node` (same mesh file, admin socket and pin root, its own events
+    /// and logs) and waits for its `ready`: while this one runs, an upgrade by handoff; after
+    /// [`Agent::kill`] or [`Agent::stop`], a restart that adopts the pinned datapath.
+    pub fn start_successor(&self, node: &SimNode) -> Result<Agent> {
+        let agent = self.spawn_successor(node)?;
+        agent.wait_for_event(|e| e["event"] == "ready", READY_TIMEOUT).with_context(|| {
+            format!("successor {} on node {} did not become ready", agent.generation, node.name())
+        })?;
         Ok(agent)
+    }
+
+    /// [`Agent::start_successor`] without waiting for readiness.
+    pub fn spawn_successor(&self, node: &SimNode) -> Result<Agent> {
+        Self::spawn_generation(
+            node.command(&self.launch.program),
+            self.dir.clone(),
+            self.pins.clone(),
+            self.generation + 1,
+            self.launch.clone(),
+            |cmd| node.spawn(cmd),
+        )
+    }
+
+    /// `ferry uninstall` for this node (in its netns, with its admin socket and pin root): its
+    /// output, after checking it succeeded.
+    pub fn uninstall(&self, node: &SimNode) -> Result<String> {
+        let out = node
+            .command(&self.launch.program)
+            .arg("--admin-socket")
+            .arg(self.admin_socket())
+            .arg("uninstall")
+            .arg("--bpf-root")
+            .arg(self.pins())
+            .output()
+            .context("running ferry uninstall")?;
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            bail!("ferry uninstall failed ({}): {text}", out.status);
+        }
+        Ok(text)
+    }
+
+    /// SIGKILL, as a crash: nothing of the agent's own cleanup runs; the pinned datapath stays.
+    pub fn kill(&self) -> Result<ExitStatus> {
+        self.child().kill()
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself (after handing over).
+    pub fn wait_exit(&self, timeout: Duration) -> Result<ExitStatus> {
+        self.child().wait_timeout(timeout)
     }
 
     /// The agent's pid.
@@ -199,7 +323,7 @@ impl Agent {
 
     /// The events file.
     pub fn events_path(&self) -> PathBuf {
-        self.dir.path().join("events.jsonl")
+        self.dir.path().join(generation_name("events.jsonl", self.generation))
     }
 
     /// Rewrites the mesh file (for hot-reload tests).
@@ -219,7 +343,8 @@ impl Agent {
 
     /// What the agent wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(generation_name("stderr.log", self.generation)))
+            .unwrap_or_default()
     }
 
     /// Waits up to `timeout` for an event matching `pred`; an error if the agent exits first or
@@ -248,7 +373,7 @@ impl Agent {
 
     /// Sends SIGTERM and waits up to [`STOP_TIMEOUT`] for the agent to exit; an error (after
     /// SIGKILL) if it does not.
-    pub fn stop(self) -> Result<ExitStatus> {
+    pub fn stop(&self) -> Result<ExitStatus> {
         let mut child = self.child();
         child.signal(libc::SIGTERM)?;
         match child.wait_timeout(STOP_TIMEOUT) {
@@ -272,6 +397,14 @@ impl Drop for Agent {
             eprintln!("--- agent {} events ---\n{text}", self.pid());
         }
         // The ChildGuard field then kills and reaps the process.
+    }
+}
+
+/// `name` for generation `generation` of a node's agent: `events.jsonl`, `events.1.jsonl`, ...
+fn generation_name(name: &str, generation: u32) -> String {
+    match (generation, name.rsplit_once('.')) {
+        (0, _) | (_, None) => name.to_owned(),
+        (g, Some((stem, ext))) => format!("{stem}.{g}.{ext}"),
     }
 }
 

@@ -1,5 +1,5 @@
-//! Removing what crashed earlier runs left behind: `fy*` network namespaces and `ferry-test-*`
-//! cgroups whose creating process is gone.
+//! Removing what crashed earlier runs left behind: `fy*` network namespaces, `ferry-test-*`
+//! cgroups and `ferry-test-*` pin roots under bpffs whose creating process is gone.
 //!
 //! Only names of the harness's exact shape (`fy<pid>-<n>-<name>`, `ferry-test-<pid>-<n>-<name>`)
 //! are touched, and only when `<pid>` is not a live process: objects of this process and of
@@ -63,6 +63,17 @@ pub fn sweep_stale() -> Result<SweepReport> {
         match cgroup::remove_tree(&path, Duration::from_secs(2)) {
             Ok(()) => report.removed.push(format!("cgroup {}", path.display())),
             Err(e) => report.errors.push(format!("{e:#}")),
+        }
+    }
+    // Pinned datapaths of agents whose test process died (the agents died with it).
+    let pins = std::fs::read_dir(crate::agent::BPFFS).into_iter().flatten().flatten();
+    for entry in pins {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_stale(&name, CGROUP_PREFIX) {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => report.removed.push(format!("pins {}", entry.path().display())),
+                Err(e) => report.errors.push(format!("pins {}: {e}", entry.path().display())),
+            }
         }
     }
     Ok(report)

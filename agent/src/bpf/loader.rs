@@ -1,4 +1,5 @@
-//! Loads the embedded eBPF object once per agent and writes the node-wide capture settings.
+//! Loads the embedded eBPF object once per agent, adopts (or pins) the programs, maps and links
+//! under the bpffs pin root, and writes the node-wide capture settings.
 
 use std::{
     net::IpAddr,
@@ -7,20 +8,37 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{
         Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramInfo, SkLookup, SockOps,
+        cgroup_sock_addr::CgroupSockAddrAttachType,
+        links::{FdLink, PinnedLink},
+    },
 };
 use ferry_common::{CaptureConfig, PodAddr, PodCounters, ProbeSource, maps, programs};
 
-use super::{OrigDstTable, PodAttachment, Steering, addr::pod_addr};
+use super::{OrigDstTable, PodAttachment, Steering, addr::pod_addr, pins::PinRoot};
 
 /// The cgroup programs attached to every pod, in attach order.
 const CGROUP_SOCK_ADDR: [&str; 4] =
     [programs::CONNECT4, programs::CONNECT6, programs::GETPEERNAME4, programs::GETPEERNAME6];
+/// The probe programs, attached to the node's cgroup.
+const PROBES: [&str; 2] = [programs::PROBE_CONNECT4, programs::PROBE_CONNECT6];
+/// Every program of the object.
+const ALL_PROGRAMS: [&str; 8] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+    programs::SOCK_OPS,
+    programs::SK_LOOKUP,
+    programs::PROBE_CONNECT4,
+    programs::PROBE_CONNECT6,
+];
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-ebpf"));
@@ -58,6 +76,14 @@ pub enum DatapathError {
     /// A program or map is missing from the object (build mismatch).
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
+    /// A program or link could not be pinned.
+    #[error("{what}")]
+    Pin {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: aya::pin::PinError,
+    },
     /// A cgroup or netns path could not be opened.
     #[error("opening {path}")]
     Open {
@@ -86,23 +112,42 @@ pub struct CaptureParams {
 /// The loaded programs and the maps the agent uses.
 pub struct Datapath {
     ebpf: Ebpf,
+    pins: PinRoot,
+    programs: Programs,
     steering: Steering,
-    /// The probe programs' links on the node's cgroup (for the agent's lifetime).
-    probe_links: Vec<FdLink>,
+    /// The probe programs' links on the node's cgroup (pinned: they outlive the agent).
+    probe_links: Vec<PinnedLink>,
     counters: PerCpuArray<MapData, u64>,
     pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
     inbound_pod_counters: PerCpuHashMap<MapData, PodAddr, u64>,
+    /// Whether programs pinned by an earlier agent were found and adopted.
+    adopted: bool,
+}
+
+/// The programs as attached: opened from their pins, so every agent attaches the same kernel
+/// programs (their ids do not change across restarts).
+struct Programs {
+    cgroup: Vec<(&'static str, CgroupSockAddr)>,
+    sock_ops: SockOps,
+    sk_lookup: SkLookup,
+    probes: Vec<(&'static str, CgroupSockAddr)>,
 }
 
 /// Global eBPF counters summed over CPUs, in `ferry_common::counter` order.
 pub type CounterValues = [u64; ferry_common::counter::COUNT as usize];
 
 impl Datapath {
-    /// Loads and verifies every program, writes the capture settings, and hands back the
+    /// Loads and verifies every program, adopts the maps, programs and links pinned under `pins`
+    /// (pinning what is not there yet), writes the capture settings, and hands back the
     /// original-destination table for the proxy.
-    pub fn load(params: &CaptureParams) -> Result<(Self, OrigDstTable), DatapathError> {
-        let mut ebpf = Ebpf::load(OBJECT)?;
-        for name in CGROUP_SOCK_ADDR.into_iter().chain([programs::PROBE_CONNECT4, programs::PROBE_CONNECT6]) {
+    pub fn load(params: &CaptureParams, pins: PinRoot) -> Result<(Self, OrigDstTable), DatapathError> {
+        let mut loader = EbpfLoader::new();
+        for name in maps::ALL {
+            // An existing pin is opened and reused; a missing one is created and pinned.
+            loader.map_pin_path(name, pins.map(name));
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        for name in CGROUP_SOCK_ADDR.into_iter().chain(PROBES) {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DatapathError::Program { what: format!("loading {name}"), source })?;
@@ -115,6 +160,15 @@ impl Datapath {
         lookup
             .load()
             .map_err(|source| DatapathError::Program { what: "loading sk_lookup".into(), source })?;
+        let mut adopted = false;
+        for name in ALL_PROGRAMS {
+            adopted |= settle(&mut ebpf, &pins, name)?;
+        }
+        let programs = Programs::open(&pins)?;
+        // The freshly loaded copies are not needed any more: the pinned ones are what runs.
+        for (_, prog) in ebpf.programs_mut() {
+            let _ = unload(prog);
+        }
 
         let orig_dst = OrigDstTable::new(take_map(&mut ebpf, maps::ORIG_DST_BY_CONN)?);
         let steering = Steering::new(
@@ -125,10 +179,29 @@ impl Datapath {
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let pod_counters = take_map(&mut ebpf, maps::POD_COUNTERS)?;
         let inbound_pod_counters = take_map(&mut ebpf, maps::INBOUND_POD_COUNTERS)?;
-        let mut datapath =
-            Self { ebpf, steering, probe_links: Vec::new(), counters, pod_counters, inbound_pod_counters };
+        let mut datapath = Self {
+            ebpf,
+            pins,
+            programs,
+            steering,
+            probe_links: Vec::new(),
+            counters,
+            pod_counters,
+            inbound_pod_counters,
+            adopted,
+        };
         datapath.configure(params)?;
         Ok((datapath, orig_dst))
+    }
+
+    /// Whether an earlier agent's pinned programs were adopted (a restart, not a first start).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The pin directories.
+    pub fn pins(&self) -> &PinRoot {
+        &self.pins
     }
 
     fn configure(&mut self, params: &CaptureParams) -> Result<(), DatapathError> {
@@ -136,11 +209,19 @@ impl Datapath {
             let what = what.to_string();
             move |source| DatapathError::Map { what, source }
         };
+        // Adopted maps still hold the previous agent's settings: what is no longer configured goes.
         let mut ports: HashMap<_, u16, u8> = map_mut(&mut self.ebpf, maps::EXCLUDED_PORTS)?;
+        let stale: Vec<u16> = ports.keys().flatten().filter(|p| !params.exclude_ports.contains(p)).collect();
+        for port in stale {
+            let _ = ports.remove(&port);
+        }
         for port in &params.exclude_ports {
             ports.insert(port, 1, 0).map_err(map_err("writing excluded ports"))?;
         }
         let mut v4: LpmTrie<_, u32, u8> = map_mut(&mut self.ebpf, maps::EXCLUDED_CIDRS_V4)?;
+        for key in v4.keys().flatten().collect::<Vec<_>>() {
+            let _ = v4.remove(&key);
+        }
         for (ip, len) in &params.exclude_cidrs {
             if let IpAddr::V4(ip) = ip {
                 v4.insert(&Key::new(u32::from(*len), u32::from(*ip).to_be()), 1, 0)
@@ -148,6 +229,9 @@ impl Datapath {
             }
         }
         let mut v6: LpmTrie<_, [u32; 4], u8> = map_mut(&mut self.ebpf, maps::EXCLUDED_CIDRS_V6)?;
+        for key in v6.keys().flatten().collect::<Vec<_>>() {
+            let _ = v6.remove(&key);
+        }
         for (ip, len) in &params.exclude_cidrs {
             if let IpAddr::V6(ip) = ip {
                 let words = pod_addr(IpAddr::V6(*ip)).ip;
@@ -167,40 +251,71 @@ impl Datapath {
     }
 
     /// Attaches connect4/6, getpeername4/6 and sock_ops to the pod's cgroup and sk_lookup to its
-    /// netns, as bpf_links.
-    /// Cgroup links always coexist with other programs on the same cgroup (the kernel treats link
-    /// attachments as multi-attach and refuses the ALLOW_MULTI flag on them, hence `Single` here),
-    /// so another agent's socket programs keep running. Dropping the result detaches them all.
-    pub fn attach_pod(&mut self, cgroup: &Path, netns: &Path) -> Result<PodAttachment, DatapathError> {
-        let open = |path: &Path| {
-            std::fs::File::open(path).map_err(|source| DatapathError::Open { path: path.to_owned(), source })
-        };
-        let cgroup_fd = open(cgroup)?;
-        let netns_fd = open(netns)?;
-        let mut att = PodAttachment::default();
-        for name in CGROUP_SOCK_ADDR {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
-                .map_err(|source| attach_err(name, cgroup, source))?;
-            let link = prog.take_link(id).map_err(|source| attach_err(name, cgroup, source))?;
-            att.push(name, FdLink::try_from(link).map_err(|e| link_err(name, cgroup, e))?);
+    /// netns, as pinned bpf_links, adopting those an earlier agent pinned for the same cgroup and
+    /// netns. Cgroup links always coexist with other programs on the same cgroup (the kernel treats
+    /// link attachments as multi-attach and refuses the ALLOW_MULTI flag on them, hence `Single`
+    /// here), so another agent's socket programs keep running. The links stay attached until
+    /// [`PodAttachment::detach`]; on failure, the links made by this call are removed again.
+    pub fn attach_pod(
+        &mut self,
+        cgroup: &Path,
+        netns: &Path,
+        cgroup_id: u64,
+        netns_cookie: u64,
+    ) -> Result<PodAttachment, DatapathError> {
+        let dir = self.pins.pod(cgroup_id, netns_cookie);
+        let mut att = PodAttachment::new(dir.clone());
+        match self.attach_pod_links(&mut att, &dir, cgroup, netns) {
+            Ok(()) => Ok(att),
+            Err(e) => {
+                att.remove_created();
+                Err(e)
+            }
         }
-        let prog: &mut SockOps = program(&mut self.ebpf, programs::SOCK_OPS)?;
-        let id = prog
-            .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
-            .map_err(|source| attach_err(programs::SOCK_OPS, cgroup, source))?;
-        let link = prog.take_link(id).map_err(|source| attach_err(programs::SOCK_OPS, cgroup, source))?;
-        att.push(
-            programs::SOCK_OPS,
-            FdLink::try_from(link).map_err(|e| link_err(programs::SOCK_OPS, cgroup, e))?,
-        );
-        let prog: &mut SkLookup = program(&mut self.ebpf, programs::SK_LOOKUP)?;
-        let id =
-            prog.attach(netns_fd.as_fd()).map_err(|source| attach_err(programs::SK_LOOKUP, netns, source))?;
-        let link = prog.take_link(id).map_err(|source| attach_err(programs::SK_LOOKUP, netns, source))?;
-        att.push(programs::SK_LOOKUP, FdLink::from(link));
-        Ok(att)
+    }
+
+    fn attach_pod_links(
+        &mut self,
+        att: &mut PodAttachment,
+        dir: &Path,
+        cgroup: &Path,
+        netns: &Path,
+    ) -> Result<(), DatapathError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| DatapathError::Open { path: dir.to_owned(), source })?;
+        let cgroup_fd = open(cgroup)?;
+        let mut netns_fd = None;
+        let names = CGROUP_SOCK_ADDR.into_iter().chain([programs::SOCK_OPS, programs::SK_LOOKUP]);
+        for name in names {
+            let pin = dir.join(name);
+            if let Some(link) = adopt_link(&pin) {
+                att.push(name, link_id(&FdLink::from(link)), false);
+                continue;
+            }
+            let link = if name == programs::SK_LOOKUP {
+                let fd = match &netns_fd {
+                    Some(fd) => fd,
+                    None => netns_fd.insert(open(netns)?),
+                };
+                let prog = &mut self.programs.sk_lookup;
+                let id = prog.attach(fd.as_fd()).map_err(|source| attach_err(name, netns, source))?;
+                FdLink::from(prog.take_link(id).map_err(|source| attach_err(name, netns, source))?)
+            } else if name == programs::SOCK_OPS {
+                let prog = &mut self.programs.sock_ops;
+                let id = prog
+                    .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
+                    .map_err(|source| attach_err(name, cgroup, source))?;
+                let link = prog.take_link(id).map_err(|source| attach_err(name, cgroup, source))?;
+                FdLink::try_from(link).map_err(|e| link_err(name, cgroup, e))?
+            } else {
+                let prog = cgroup_prog(&mut self.programs.cgroup, name)?;
+                attach_cgroup(prog, name, &cgroup_fd, cgroup)?
+            };
+            let id = link_id(&link);
+            pin_link(link, &pin)?;
+            att.push(name, id, true);
+        }
+        Ok(())
     }
 
     /// Binds the node's own connects to enrolled pods (processes of netns `host_netns` in
@@ -222,17 +337,42 @@ impl Datapath {
         source
             .set(0, value, 0)
             .map_err(|source| DatapathError::Map { what: "writing the probe source".into(), source })?;
-        let fd = std::fs::File::open(cgroup)
-            .map_err(|source| DatapathError::Open { path: cgroup.to_owned(), source })?;
-        for name in [programs::PROBE_CONNECT4, programs::PROBE_CONNECT6] {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(fd.as_fd(), CgroupAttachMode::Single)
-                .map_err(|source| attach_err(name, cgroup, source))?;
-            let link = prog.take_link(id).map_err(|source| attach_err(name, cgroup, source))?;
-            self.probe_links.push(FdLink::try_from(link).map_err(|e| link_err(name, cgroup, e))?);
+        let fd = open(cgroup)?;
+        let cgroup_id = std::os::unix::fs::MetadataExt::ino(
+            &fd.metadata().map_err(|source| DatapathError::Open { path: cgroup.to_owned(), source })?,
+        );
+        let dir = self.pins.node(cgroup_id);
+        // Probe links an earlier agent left on another cgroup no longer apply.
+        for other in self.pins.nodes().into_iter().filter(|d| *d != dir) {
+            let _ = super::pins::remove_links(&other);
+        }
+        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Open { path: dir.clone(), source })?;
+        for name in PROBES {
+            let pin = dir.join(name);
+            if let Some(link) = adopt_link(&pin) {
+                self.probe_links.push(link);
+                continue;
+            }
+            let prog = cgroup_prog(&mut self.programs.probes, name)?;
+            let link = attach_cgroup(prog, name, &fd, cgroup)?;
+            self.probe_links.push(pin_link(link, &pin)?);
         }
         Ok(())
+    }
+
+    /// Removes the pinned links of pods no enrollment claims (`claimed` holds the directories of
+    /// those that did): pods removed while no agent ran. Returns how many were removed.
+    pub fn remove_unclaimed_pods(&self, claimed: &std::collections::HashSet<PathBuf>) -> usize {
+        let mut removed = 0;
+        for dir in self.pins.pods() {
+            if !claimed.contains(&dir) {
+                match super::pins::remove_links(&dir) {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::warn!(error = %e, "removing a departed pod's links"),
+                }
+            }
+        }
+        removed
     }
 
     /// The sk_lookup tables, for enrollment and the pods' address watches.
@@ -242,7 +382,17 @@ impl Datapath {
 
     /// Kernel program ids, by name, for reporting.
     pub fn program_ids(&self) -> Vec<(String, u32)> {
-        self.ebpf.programs().filter_map(|(name, p)| Some((name.to_string(), p.info().ok()?.id()))).collect()
+        let p = &self.programs;
+        let mut out: Vec<(String, u32)> = p
+            .cgroup
+            .iter()
+            .chain(&p.probes)
+            .filter_map(|(name, prog)| Some((name.to_string(), prog.info().ok()?.id())))
+            .collect();
+        out.extend(p.sock_ops.info().ok().map(|i| (programs::SOCK_OPS.to_string(), i.id())));
+        out.extend(p.sk_lookup.info().ok().map(|i| (programs::SK_LOOKUP.to_string(), i.id())));
+        out.sort();
+        out
     }
 
     /// Global counters summed over CPUs.
@@ -268,6 +418,124 @@ impl Datapath {
             .map(|v| v.iter().map(|c| c.outbound_redirects).sum())
             .unwrap_or(0)
     }
+}
+
+impl Programs {
+    /// Opens every program from its pin.
+    fn open(pins: &PinRoot) -> Result<Self, DatapathError> {
+        let from_pin = |name: &'static str| {
+            move |source| DatapathError::Program { what: format!("opening pinned {name}"), source }
+        };
+        let cgroup_prog = |name: &'static str| -> Result<(&'static str, CgroupSockAddr), DatapathError> {
+            let kind = match name {
+                programs::CONNECT4 | programs::PROBE_CONNECT4 => CgroupSockAddrAttachType::Connect4,
+                programs::CONNECT6 | programs::PROBE_CONNECT6 => CgroupSockAddrAttachType::Connect6,
+                programs::GETPEERNAME4 => CgroupSockAddrAttachType::GetPeerName4,
+                _ => CgroupSockAddrAttachType::GetPeerName6,
+            };
+            Ok((name, CgroupSockAddr::from_pin(pins.program(name), kind).map_err(from_pin(name))?))
+        };
+        Ok(Self {
+            cgroup: CGROUP_SOCK_ADDR.into_iter().map(cgroup_prog).collect::<Result<_, _>>()?,
+            probes: PROBES.into_iter().map(cgroup_prog).collect::<Result<_, _>>()?,
+            sock_ops: SockOps::from_pin(pins.program(programs::SOCK_OPS))
+                .map_err(from_pin(programs::SOCK_OPS))?,
+            sk_lookup: SkLookup::from_pin(pins.program(programs::SK_LOOKUP))
+                .map_err(from_pin(programs::SK_LOOKUP))?,
+        })
+    }
+}
+
+/// Makes the pinned program `name` the one this build loaded: kept when it is the same code
+/// (same kernel tag), otherwise every pinned link of it is switched to the new program in place
+/// (BPF_LINK_UPDATE: no moment without a program) and the new one pinned. Returns whether an
+/// earlier agent's program was there.
+fn settle(ebpf: &mut Ebpf, pins: &PinRoot, name: &'static str) -> Result<bool, DatapathError> {
+    let path = pins.program(name);
+    let prog = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
+    let prog_err = |what: &str| {
+        let what = format!("{what} {name}");
+        move |source| DatapathError::Program { what, source }
+    };
+    let fresh = prog.info().map_err(prog_err("reading"))?;
+    let mut existed = false;
+    if path.exists() {
+        existed = true;
+        match ProgramInfo::from_pin(&path) {
+            Ok(pinned) if pinned.tag() == fresh.tag() => return Ok(true),
+            Ok(_) => {
+                let fd = prog.fd().map_err(prog_err("reading"))?;
+                for link in pins.links_of(name) {
+                    super::relink::update(&link, fd.as_fd())
+                        .map_err(|source| DatapathError::Open { path: link.clone(), source })?;
+                }
+                tracing::info!(program = name, "pinned program replaced by this build's");
+            }
+            Err(e) => tracing::warn!(program = name, error = %e, "unreadable program pin replaced"),
+        }
+        std::fs::remove_file(&path).map_err(|source| DatapathError::Open { path: path.clone(), source })?;
+    }
+    prog.pin(&path).map_err(|e| DatapathError::Pin { what: format!("pinning {name}"), source: e })?;
+    Ok(existed)
+}
+
+/// Drops this process's reference to a freshly loaded program (the pinned copy keeps running).
+fn unload(prog: &mut aya::programs::Program) -> Result<(), ProgramError> {
+    use aya::programs::Program;
+    match prog {
+        Program::CgroupSockAddr(p) => p.unload(),
+        Program::SockOps(p) => p.unload(),
+        Program::SkLookup(p) => p.unload(),
+        _ => Ok(()),
+    }
+}
+
+/// Opens a link an earlier agent pinned at `pin`, if there is a usable one (an unusable pin is
+/// removed, so a fresh link takes its place).
+fn adopt_link(pin: &Path) -> Option<PinnedLink> {
+    if !pin.exists() {
+        return None;
+    }
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => Some(link),
+        Err(e) => {
+            tracing::warn!(pin = %pin.display(), error = %e, "unusable link pin replaced");
+            let _ = std::fs::remove_file(pin);
+            None
+        }
+    }
+}
+
+fn link_id(link: &FdLink) -> u32 {
+    link.info().map(|i| i.id()).unwrap_or(0)
+}
+
+fn pin_link(link: FdLink, pin: &Path) -> Result<PinnedLink, DatapathError> {
+    link.pin(pin).map_err(|source| DatapathError::Pin { what: format!("pinning {}", pin.display()), source })
+}
+
+fn attach_cgroup(
+    prog: &mut CgroupSockAddr,
+    name: &str,
+    fd: &std::fs::File,
+    cgroup: &Path,
+) -> Result<FdLink, DatapathError> {
+    let id = prog
+        .attach(fd.as_fd(), CgroupAttachMode::Single)
+        .map_err(|source| attach_err(name, cgroup, source))?;
+    let link = prog.take_link(id).map_err(|source| attach_err(name, cgroup, source))?;
+    FdLink::try_from(link).map_err(|e| link_err(name, cgroup, e))
+}
+
+fn cgroup_prog<'a>(
+    progs: &'a mut [(&'static str, CgroupSockAddr)],
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    progs.iter_mut().find(|(n, _)| *n == name).map(|(_, p)| p).ok_or(DatapathError::Missing(name))
+}
+
+fn open(path: &Path) -> Result<std::fs::File, DatapathError> {
+    std::fs::File::open(path).map_err(|source| DatapathError::Open { path: path.to_owned(), source })
 }
 
 fn attach_err(name: &str, target: &Path, source: ProgramError) -> DatapathError {

@@ -104,6 +104,20 @@ impl Steering {
     }
 }
 
+impl Steering {
+    /// Removes the probe table's addresses no pod owns now: those of pods that left while no
+    /// agent ran (their listener entries went with their sockets).
+    pub fn prune_unowned(&self) -> usize {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let owned: Vec<PodAddr> = t.owners.keys().map(|ip| pod_addr(*ip)).collect();
+        let stale: Vec<PodAddr> = t.pod_addrs.keys().flatten().filter(|k| !owned.contains(k)).collect();
+        for key in &stale {
+            let _ = t.pod_addrs.remove(key);
+        }
+        stale.len()
+    }
+}
+
 impl PodListeners {
     /// Duplicates the pod's listening sockets (inbound IPv4 and IPv6, tunnel IPv4 and IPv6).
     pub fn of(

@@ -98,6 +98,13 @@ impl AddressWatch {
     }
 }
 
+impl AddressWatch {
+    /// Stops watching but leaves every address in the tables (for the next agent).
+    pub fn release(self) {
+        std::mem::take(&mut *self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
 impl Drop for AddressWatch {
     fn drop(&mut self) {
         if let Some(task) = &self.task {

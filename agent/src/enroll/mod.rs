@@ -97,8 +97,8 @@ pub enum EnrollError {
     },
 }
 
-/// An enrolled pod. Call [`Enrollment::unenroll`] to take it out cleanly; dropping it also detaches
-/// the programs and closes the listeners.
+/// An enrolled pod. Call [`Enrollment::unenroll`] to take it out, or [`Enrollment::release`] to
+/// leave its datapath for the next agent; dropping it closes the listeners and keeps the pins.
 pub struct Enrollment {
     /// "namespace/name".
     pub key: String,
@@ -257,7 +257,8 @@ impl Enrollment {
             // Dropping the watch (on the error path) unsteers what it steered.
             enrollment.addresses = Some(watch);
             let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
-            match dp.attach_pod(cgroup, &netns_path) {
+            let cgroup_id = cgroup_id.unwrap_or_default();
+            match dp.attach_pod(cgroup, &netns_path, cgroup_id, context.netns.cookie()) {
                 Ok(attachment) => enrollment.attachment = Some(attachment),
                 Err(source) => return Err(EnrollError::Datapath { pod: key.clone(), source }),
             }
@@ -304,12 +305,37 @@ impl Enrollment {
         self.context.netns.cookie()
     }
 
+    /// Where this pod's links are pinned (eBPF capture).
+    pub fn pin_dir(&self) -> Option<PathBuf> {
+        self.attachment.as_ref().map(|a| a.dir().to_owned())
+    }
+
+    /// How many of the pod's links an earlier agent had pinned and this one adopted.
+    pub fn adopted_links(&self) -> usize {
+        self.attachment.as_ref().map_or(0, PodAttachment::adopted)
+    }
+
     /// Detaches the programs, stops steering the pod's addresses and closes the listeners.
     /// Connections already being relayed run to completion on their own tasks (and keep the pod's
     /// transparent-inbound routing until the last of them ends).
     pub fn unenroll(mut self) {
-        self.attachment = None;
+        if let Some(attachment) = self.attachment.take() {
+            attachment.detach();
+        }
         self.addresses = None;
+    }
+
+    /// Stops serving the pod but leaves its datapath in the kernel: programs attached, its
+    /// addresses in the tables, its transparent-inbound routing. The agent is stopping or handing
+    /// over; until the next agent serves the pod, it fails closed.
+    pub fn release(mut self) {
+        self.attachment = None;
+        if let Some(addresses) = self.addresses.take() {
+            addresses.release();
+        }
+        if let Some(t) = &self.context.transparency {
+            t.keep();
+        }
     }
 }
 

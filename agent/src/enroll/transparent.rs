@@ -60,6 +60,15 @@ pub struct Transparency {
     /// The sysctl's value before we set it, when we changed it.
     restore: Option<String>,
     registry: Weak<Mutex<HashMap<u64, Weak<Transparency>>>>,
+    /// Left installed when dropped: the next agent (a handoff's relays) depends on it.
+    kept: std::sync::atomic::AtomicBool,
+}
+
+impl Transparency {
+    /// Leaves the routing in place when the last holder drops it.
+    pub fn keep(&self) {
+        self.kept.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The netns that have transparency installed, so a pod re-enrolled while its old connections
@@ -75,7 +84,12 @@ impl TransparencyRegistry {
             return Ok(existing);
         }
         let restore = netns.run_blocking(install_here)??;
-        let t = Arc::new(Transparency { netns: netns.clone(), restore, registry: Arc::downgrade(&self.0) });
+        let t = Arc::new(Transparency {
+            netns: netns.clone(),
+            restore,
+            registry: Arc::downgrade(&self.0),
+            kept: Default::default(),
+        });
         installed.insert(netns.cookie(), Arc::downgrade(&t));
         Ok(t)
     }
@@ -93,7 +107,7 @@ impl Drop for Transparency {
         let replaced = installed
             .as_ref()
             .is_some_and(|i| i.get(&self.netns.cookie()).is_some_and(|w| !std::ptr::eq(w.as_ptr(), me)));
-        if replaced {
+        if replaced || self.kept.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let restore = self.restore.take();
@@ -107,6 +121,16 @@ impl Drop for Transparency {
             installed.remove(&self.netns.cookie());
         }
     }
+}
+
+/// Removes Ferry's transparent-inbound routing from the netns at `path` if it is there (`ferry
+/// uninstall`, after agents that left it for their successors). The sysctl stays as it is: its
+/// value before Ferry is no longer known.
+pub fn remove_from(path: &std::path::Path) -> Result<(), TransparencyError> {
+    let netns = PodNetns::open(path, "ferry-uninstall".into())?;
+    netns
+        .run_blocking(|| uninstall_here(None))?
+        .map_err(|e| TransparencyError::Step("removing the routing".into(), e))
 }
 
 fn rules() -> [MarkRule; 2] {

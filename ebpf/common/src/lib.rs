@@ -117,6 +117,11 @@ pub struct PodCounters {
     pub inbound_steers: u64,
 }
 
+/// Version of the maps' layout (names, types, key and value sizes). Part of the bpffs pin path, so an
+/// agent never reuses maps a differently built one pinned (the kernel does not check sizes on reuse):
+/// bump it whenever a map or a type stored in one changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Names of the maps in the object file, shared so the agent cannot drift from the programs.
 pub mod maps {
     /// cookie -> original destination, written by connect4/6, kept for the socket's life (the
@@ -146,6 +151,22 @@ pub mod maps {
     pub const POD_COUNTERS: &str = "POD_COUNTERS";
     /// Inbound steers by pod address.
     pub const INBOUND_POD_COUNTERS: &str = "INBOUND_POD_COUNTERS";
+    /// Every map, for pinning.
+    pub const ALL: [&str; 13] = [
+        ORIG_DST_BY_COOKIE,
+        ORIG_DST_BY_CONN,
+        INBOUND_LISTENERS,
+        TUNNEL_LISTENERS,
+        PROBE_SOURCE,
+        POD_ADDRS,
+        CAPTURE_CONFIG,
+        EXCLUDED_PORTS,
+        EXCLUDED_CIDRS_V4,
+        EXCLUDED_CIDRS_V6,
+        COUNTERS,
+        POD_COUNTERS,
+        INBOUND_POD_COUNTERS,
+    ];
 }
 
 /// Names of the programs in the object file.
