@@ -15,6 +15,7 @@ use crate::{
     config::CaptureMode,
     enroll::discover::Host,
     events::EventSink,
+    handoff::{Inherited, giver, taker, wire::WireListener},
     introspect::Introspect,
     kubernetes::KubeSource,
     metrics::{BuildInfo, Metrics, MetricsServer},
@@ -52,6 +53,8 @@ pub struct RunOptions {
     pub probe_cgroup: Option<PathBuf>,
     /// Where the datapath is pinned (on bpffs).
     pub bpf_root: PathBuf,
+    /// After handing over, exit at the latest this long after (default: when nothing is left).
+    pub drain_deadline: Option<Duration>,
     /// Changes the log filter at run time (`ferry log-level`).
     pub log: Option<LogControl>,
 }
@@ -86,11 +89,32 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let access_log = EventSink::open(opts.access_log.as_deref())
         .with_context(|| format!("opening access log {:?}", opts.access_log))?;
     let metrics = Arc::new(Metrics::new(&BuildInfo::current()).context("setting up metrics")?);
-    // Bind the operator endpoints before touching the kernel: a second agent fails here.
-    let admin = AdminServer::bind(&opts.admin_socket).await.context("starting the admin API")?;
-    let metrics_server =
-        MetricsServer::bind(opts.metrics_addr).await.context("starting the metrics endpoint")?;
-    let health_server = HealthServer::bind(opts.health_addr).await.context("starting the health endpoint")?;
+    // An agent serving the node already: this one takes over from it (an upgrade), on the same
+    // listening sockets, and only once it is ready.
+    let handoff_path = crate::handoff::socket_path(&opts.admin_socket);
+    let (taker, inherited) = match taker::connect(&handoff_path).await {
+        Ok(Some((taker, inherited))) => {
+            tracing::info!(socket = %handoff_path.display(), "an agent serves this node: taking over from it");
+            (Some(taker), inherited)
+        }
+        Ok(None) => (None, Inherited::default()),
+        Err(e) => return Err(anyhow::Error::new(e).context("taking over from the serving agent")),
+    };
+    // Bind the operator endpoints before touching the kernel: a second agent that is not taking
+    // over fails here. One taking over binds the admin socket only once it has.
+    let admin = match taker {
+        None => Some(AdminServer::bind(&opts.admin_socket).await.context("starting the admin API")?),
+        Some(_) => None,
+    };
+    let metrics_server = match inherited.take_operator("metrics") {
+        Some(l) => MetricsServer::from_std(l).context("serving the inherited metrics endpoint")?,
+        None => MetricsServer::bind(opts.metrics_addr).await.context("starting the metrics endpoint")?,
+    };
+    let health_server = match inherited.take_operator("health") {
+        Some(l) => HealthServer::from_std(l).context("serving the inherited health endpoint")?,
+        None => HealthServer::bind(opts.health_addr).await.context("starting the health endpoint")?,
+    };
+    let operator_fds = [("metrics", metrics_server.listener_fd()), ("health", health_server.listener_fd())];
     // Identities before the kernel: a bad CA directory must not leave half an agent behind.
     let mtls = match &config.ca {
         Some(ca) => Some(Mtls::start(ca, &config).context("setting up workload identities")?),
@@ -155,7 +179,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let node = Arc::new(NodeState::new(datapath, shared.clone(), host));
+    let node = Arc::new(NodeState::new(datapath, shared.clone(), host).with_inherited(inherited));
     if matches!(feed, Feed::Kubernetes(_)) {
         // Not ready until the caches have been listed and applied once.
         node.set_synced(false);
@@ -163,18 +187,36 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let counter_node = node.clone();
     metrics.set_bpf_source(Arc::new(move || Introspect::bpf_redirects(&counter_node)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx_admin = stop_rx.clone();
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let introspect = Arc::new(Introspect::new(node.clone(), opts.log.clone(), opts.config.clone()));
-    let admin_task = tokio::spawn(admin.serve(introspect.clone(), stopped(stop_rx.clone())));
-    let health_task = tokio::spawn(health_server.serve(introspect, stopped(stop_rx.clone())));
+    let admin_task =
+        admin.map(|admin| tokio::spawn(admin.serve(introspect.clone(), stopped(stop_rx.clone()))));
+    let health_task = tokio::spawn(health_server.serve(introspect.clone(), stopped(stop_rx.clone())));
     let metrics_task = tokio::spawn(metrics_server.serve(metrics.clone(), stopped(stop_rx)));
     // A pod that cannot be enrolled waits for its retry; it never keeps the others (or the agent)
     // from starting. Readiness says whether everything is enrolled.
     let pods = node.enroll_all().await;
     // Before "ready": from then on a SIGTERM means a clean shutdown, never the default (fatal) action.
     let shutdown = ShutdownSignals::install()?;
+    let mut admin_task = admin_task;
+    if let Some(taker) = taker {
+        // Every pod served here first: a new agent that cannot become ready leaves the old one
+        // serving (this one exits, and the old one never stopped).
+        wait_until_enrolled(&node).await?;
+        let taken = taker.take_over(&shared).await.context("taking over from the serving agent")?;
+        tracing::info!(?taken, "took over from the previous agent");
+        shared.events.emit(json!({
+            "event": "took_over", "relays": taken.relays, "failed": taken.failed, "draining": taken.draining,
+        }));
+        let admin =
+            AdminServer::bind_replacing(&opts.admin_socket).await.context("starting the admin API")?;
+        admin_task = Some(tokio::spawn(admin.serve(introspect.clone(), stopped(stop_rx_admin.clone()))));
+    }
+    // From now on this agent is the one a next one takes over from.
+    let giver = start_giver(&handoff_path, node.clone(), operator_fds)?;
     shared.events.emit(json!({
         "event": "ready", "pods": pods, "capture": capture_mode.to_string(), "policies": policy_count,
         "programs": program_ids.iter().map(|(n, id)| json!({"name": n, "id": id})).collect::<Vec<_>>(),
@@ -185,16 +227,32 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     crate::memory::release_free_heap();
 
     let watcher = tokio::spawn(watch(feed, node.clone()));
-    shutdown.wait().await;
-    tracing::info!("shutting down");
+    let (giver_task, giver_listener) = giver;
+    let handed_to = tokio::select! {
+        () = shutdown.wait() => None,
+        wire = giver_task => wire.ok(),
+    };
+    // Wakes a blocked accept, whichever way this ends.
+    let _ = nix::sys::socket::shutdown(
+        std::os::fd::AsRawFd::as_raw_fd(&giver_listener.fd()),
+        nix::sys::socket::Shutdown::Both,
+    );
+    tracing::info!(handing_over = handed_to.is_some(), "shutting down");
     watcher.abort();
-    // The watcher holds a reference; wait until it is gone so dropping `node` unloads for real.
+    // The watcher holds a reference; wait until it is gone so dropping `node` releases for real.
     let _ = watcher.await;
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(admin_task, health_task, metrics_task);
+    let _ = tokio::join!(health_task, metrics_task);
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
     // The scrape hook holds a reference to the node state too.
     metrics.set_bpf_source(Arc::new(Vec::new));
+    // Listeners close here (the next agent, if any, holds the same sockets).
     node.shutdown().await;
+    if let Some(wire) = handed_to {
+        hand_over(wire, &shared, opts.drain_deadline).await;
+    }
     // The programs, maps and links stay pinned (`ferry uninstall` removes them): the pods fail
     // closed until the next agent serves them, and the kubelet's probes still reach them.
     drop(node);
@@ -312,6 +370,105 @@ impl ShutdownSignals {
             _ = self.int.recv() => {}
         }
     }
+}
+
+/// How long a taking-over agent waits for every pod to enroll before giving up (and leaving the
+/// serving agent in charge).
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until no pod is waiting for its enrollment, retrying them on their schedule.
+async fn wait_until_enrolled(node: &NodeState) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
+    loop {
+        let waiting = node.waiting();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            let pods: Vec<&String> = waiting.keys().collect();
+            anyhow::bail!(
+                "pods not enrolled after {TAKE_OVER_WAIT:?}: {pods:?}; the serving agent stays in charge"
+            );
+        }
+        tokio::time::sleep(RELOAD_POLL).await;
+        node.retry_waiting().await;
+    }
+}
+
+/// The handoff socket, and the task that resolves when an agent takes over from this one.
+type Giver = (tokio::task::JoinHandle<crate::handoff::wire::Wire>, Arc<WireListener>);
+
+fn start_giver(
+    path: &std::path::Path,
+    node: Arc<NodeState>,
+    operator: [(&'static str, std::io::Result<std::os::fd::OwnedFd>); 2],
+) -> anyhow::Result<Giver> {
+    let listener = Arc::new(
+        WireListener::bind(path)
+            .with_context(|| format!("listening on the handoff socket {}", path.display()))?,
+    );
+    let operator: Vec<(String, std::os::fd::OwnedFd)> =
+        operator.into_iter().filter_map(|(name, fd)| Some((name.to_owned(), fd.ok()?))).collect();
+    let operator = Arc::new(operator);
+    let offer = move || -> giver::OfferFuture {
+        let node = node.clone();
+        let operator = operator.clone();
+        Box::pin(async move {
+            let operator =
+                operator.iter().filter_map(|(n, fd)| Some((n.clone(), fd.try_clone().ok()?))).collect();
+            giver::Offer { operator, pods: node.listener_offer().await }
+        })
+    };
+    let task = tokio::spawn(giver::wait_for_taker(listener.clone(), offer));
+    Ok((task, listener))
+}
+
+/// How long a drained agent waits for its tunnel connections to close.
+const TUNNELS_CLOSE: Duration = Duration::from_secs(5);
+
+/// After `TakeOver`: moves the relays, then waits for what stays (tunnel streams, HTTP) to end, or
+/// for the drain deadline.
+async fn hand_over(wire: crate::handoff::wire::Wire, shared: &Arc<ProxyShared>, deadline: Option<Duration>) {
+    let started = std::time::Instant::now();
+    let moved = match giver::send_relays(wire, &shared.handoff, || shared.conns.len()).await {
+        Ok(moved) => moved,
+        Err(e) => {
+            tracing::warn!(error = %e, "handing the relays over failed; the rest drain here");
+            0
+        }
+    };
+    let draining = shared.conns.len();
+    tracing::info!(moved, draining, "handed over; draining");
+    shared.events.emit(json!({
+        "event": "handed_over", "relays": moved, "draining": draining,
+        "handoff_ms": started.elapsed().as_secs_f64() * 1000.0,
+    }));
+    let end = deadline.map(|d| tokio::time::Instant::now() + d);
+    while !shared.conns.is_empty() {
+        if end.is_some_and(|end| tokio::time::Instant::now() >= end) {
+            tracing::warn!(left = shared.conns.len(), "drain deadline reached; closing what is left");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Tunnel connections close gracefully (FIN, never a RST): pooled ones are told to close,
+    // served ones end when their clients, told by the GOAWAY, close them.
+    if let Some(mtls) = &shared.mtls {
+        mtls.pool.close_all();
+    }
+    let quiet = tokio::time::Instant::now() + TUNNELS_CLOSE;
+    loop {
+        let pooled = shared.mtls.as_ref().map_or(0, |m| m.pool.live_connections());
+        let open = pooled + crate::hbone::server::serving() + crate::hbone::linger::closing();
+        if open == 0
+            || tokio::time::Instant::now() >= quiet
+            || end.is_some_and(|e| tokio::time::Instant::now() >= e)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shared.events.emit(json!({ "event": "drained", "left": shared.conns.len() }));
 }
 
 /// Lets the kubelet's probes reach STRICT pods: the probe source addresses on the node's loopback,

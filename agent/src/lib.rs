@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod events;
+pub mod handoff;
 pub mod hbone;
 pub mod http;
 pub mod identity;

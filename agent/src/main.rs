@@ -53,6 +53,10 @@ enum Command {
         /// Where the datapath is pinned (on bpffs; /sys/fs/bpf is mounted when nothing is).
         #[arg(long, default_value = ferry::bpf::pins::DEFAULT_ROOT)]
         bpf_root: PathBuf,
+        /// After handing over to a new agent, exit at the latest this many seconds later even if
+        /// tunnelled streams are still open (default: wait until they end).
+        #[arg(long, value_name = "SECONDS")]
+        drain_deadline: Option<u64>,
     },
     /// Remove everything Ferry left in the kernel (pinned programs, maps and links; the probe
     /// source addresses): the pods talk directly again. Refused while an agent is running.
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
             node,
             probe_cgroup,
             bpf_root,
+            drain_deadline,
         } => init_logging().and_then(|log| {
             run_daemon(ferry::daemon::RunOptions {
                 config,
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
                 node,
                 probe_cgroup,
                 bpf_root,
+                drain_deadline: drain_deadline.map(std::time::Duration::from_secs),
                 log: Some(log),
             })
         }),
@@ -143,7 +149,10 @@ fn init_logging() -> anyhow::Result<ferry::admin::log_level::LogControl> {
 fn run_daemon(opts: ferry::daemon::RunOptions) -> anyhow::Result<()> {
     ferry::memory::limit_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(ferry::daemon::run(opts))
+    let result = runtime.block_on(ferry::daemon::run(opts));
+    // A blocking task still waiting on a socket must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {

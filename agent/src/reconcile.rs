@@ -85,6 +85,8 @@ pub struct NodeState {
     synced: std::sync::atomic::AtomicBool,
     /// Whether pins of pods that left while no agent ran may still be in bpffs.
     sweep_pending: std::sync::atomic::AtomicBool,
+    /// Listeners the previous agent handed over, taken as the pods enroll.
+    pub inherited: crate::handoff::Inherited,
 }
 
 impl NodeState {
@@ -99,7 +101,14 @@ impl NodeState {
             host,
             synced: std::sync::atomic::AtomicBool::new(true),
             sweep_pending: std::sync::atomic::AtomicBool::new(true),
+            inherited: Default::default(),
         }
+    }
+
+    /// Enrolls pods on the listeners the previous agent handed over, where they match.
+    pub fn with_inherited(mut self, inherited: crate::handoff::Inherited) -> Self {
+        self.inherited = inherited;
+        self
     }
 
     /// Whether the source has delivered its state once; readiness waits for it.
@@ -291,6 +300,14 @@ impl NodeState {
         }
     }
 
+    /// Each enrolled pod's listeners (duplicates), for the next agent.
+    pub async fn listener_offer(
+        &self,
+    ) -> Vec<(String, u64, Vec<(std::net::SocketAddr, std::os::fd::OwnedFd)>)> {
+        let enrolled = self.enrolled.lock().await;
+        enrolled.iter().map(|(key, (_, e))| (key.clone(), e.netns_cookie(), e.listener_fds())).collect()
+    }
+
     /// Runs `f` over the enrolled pods from a blocking thread (the admin API and metrics scrapes
     /// call in from blocking threads; never call this from async code).
     pub fn with_enrolled_blocking<T>(&self, f: impl FnOnce(&BTreeMap<String, (Pod, Enrollment)>) -> T) -> T {
@@ -298,8 +315,14 @@ impl NodeState {
     }
 
     async fn enroll(&self, pod: &Pod) -> Result<Enrollment, EnrollError> {
-        let e =
-            Enrollment::enroll(pod, self.datapath.as_ref(), self.shared.clone(), self.host.as_ref()).await?;
+        let e = Enrollment::enroll(
+            pod,
+            self.datapath.as_ref(),
+            self.shared.clone(),
+            self.host.as_ref(),
+            &self.inherited,
+        )
+        .await?;
         self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&e.key);
         tracing::info!(pod = %e.key, adopted_links = e.adopted_links(), "enrolled");
         self.shared.events.emit(json!({

@@ -31,6 +31,7 @@ mod process;
 pub mod prometheus;
 pub mod scenario;
 pub mod testapp;
+pub mod upgrade_load;
 
 pub use agent::Agent;
 pub use bins::{BIN_DIR_ENV, bin_path};

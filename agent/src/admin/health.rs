@@ -48,6 +48,17 @@ impl HealthServer {
         Ok(Self { listener })
     }
 
+    /// Serves on a listener the previous agent handed over.
+    pub fn from_std(listener: std::net::TcpListener) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self { listener: TcpListener::from_std(listener)? })
+    }
+
+    /// A duplicate of the listening socket, for the next agent.
+    pub fn listener_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()

@@ -81,6 +81,17 @@ impl AdminServer {
         Ok(Self { listener, guard })
     }
 
+    /// Binds `path` in place of the agent this one took over from (which answers there until
+    /// it exits, and never removes a successor's socket).
+    pub async fn bind_replacing(path: &Path) -> Result<Self, AdminServerError> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing the previous agent's socket", path)(e)),
+        }
+        Self::bind(path).await
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.guard.path

@@ -110,6 +110,8 @@ pub struct Enrollment {
     addresses: Option<AddressWatch>,
     tasks: Vec<JoinHandle<()>>,
     context: Arc<PodContext>,
+    /// Duplicates of the pod's listeners, by bound address: what a handoff passes on.
+    listeners: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
 }
 
 impl Enrollment {
@@ -120,6 +122,7 @@ impl Enrollment {
         datapath: Option<&Mutex<Datapath>>,
         shared: Arc<ProxyShared>,
         host: Option<&Host>,
+        inherited: &crate::handoff::Inherited,
     ) -> Result<Self, EnrollError> {
         let key = pod.key();
         // A pod given by UID is found on the node now; one that is not running yet fails here and
@@ -209,17 +212,25 @@ impl Enrollment {
             addresses: None,
             tasks: Vec::new(),
             context: context.clone(),
+            listeners: Vec::new(),
         };
 
+        // Listeners the previous agent handed over are the same sockets (nothing in their accept
+        // queues is lost); the rest are opened now.
+        let handed = Mutex::new(inherited.take_pod(&key, context.netns.cookie()));
         let listen = |addr: SocketAddr| {
             let context = context.clone();
             let key = key.clone();
+            let handed = handed.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
             async move {
-                listen_in(&context.netns, addr).await.map_err(|source| EnrollError::Listen {
-                    pod: key,
-                    addr,
-                    source,
-                })
+                let err = |source| EnrollError::Listen { pod: key.clone(), addr, source };
+                match handed {
+                    Some(listener) => {
+                        listener.set_nonblocking(true).map_err(err)?;
+                        tokio::net::TcpListener::from_std(listener).map_err(err)
+                    }
+                    None => listen_in(&context.netns, addr).await.map_err(err),
+                }
             }
         };
         let v4_loop = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -263,6 +274,14 @@ impl Enrollment {
                 Err(source) => return Err(EnrollError::Datapath { pod: key.clone(), source }),
             }
         }
+        let dup = |l: &tokio::net::TcpListener| -> Option<(SocketAddr, std::os::fd::OwnedFd)> {
+            Some((l.local_addr().ok()?, std::os::fd::AsFd::as_fd(l).try_clone_to_owned().ok()?))
+        };
+        enrollment.listeners = [&out4, &out6, &in4, &in6]
+            .into_iter()
+            .chain(tunnels.iter().map(|(_, l)| l))
+            .filter_map(dup)
+            .collect();
         for listener in [out4, out6] {
             enrollment.tasks.push(tokio::spawn(accept_loop(listener, context.clone(), outbound::handle)));
         }
@@ -303,6 +322,11 @@ impl Enrollment {
     /// The pod's netns cookie.
     pub fn netns_cookie(&self) -> u64 {
         self.context.netns.cookie()
+    }
+
+    /// Duplicates of the pod's listeners with their bound addresses, for the next agent.
+    pub fn listener_fds(&self) -> Vec<(SocketAddr, std::os::fd::OwnedFd)> {
+        self.listeners.iter().filter_map(|(a, fd)| Some((*a, fd.try_clone().ok()?))).collect()
     }
 
     /// Where this pod's links are pinned (eBPF capture).

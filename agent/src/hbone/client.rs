@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::linger::Lingering;
 use super::stream::HboneStream;
 use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
 use crate::config::AppProtocol;
@@ -164,6 +165,8 @@ struct PoolInner {
     slots: Mutex<HashMap<SpiffeId, HashMap<Route, Arc<Slot>>>>,
     connections_opened: AtomicU64,
     streams_opened: AtomicU64,
+    /// Connections whose driver still runs.
+    live: AtomicUsize,
 }
 
 /// The current connection of one key; its lock is held while deciding to reuse or open one.
@@ -210,6 +213,8 @@ struct ConnShared {
     /// Bumped each time the stream count drops to zero, so the idle timer restarts.
     idle_epoch: AtomicU64,
     idle: Notify,
+    /// Close as soon as no stream is left ([`HbonePool::close_all`]).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl ConnShared {
@@ -271,7 +276,28 @@ impl HbonePool {
                 slots: Mutex::default(),
                 connections_opened: AtomicU64::new(0),
                 streams_opened: AtomicU64::new(0),
+                live: AtomicUsize::new(0),
             }),
+        }
+    }
+
+    /// Connections open now (pooled, or finishing their last streams).
+    pub fn live_connections(&self) -> usize {
+        self.inner.live.load(Ordering::Acquire)
+    }
+
+    /// Closes every pooled connection once its streams are done, gracefully (an agent that
+    /// handed over and drained). New connects still open new connections.
+    pub fn close_all(&self) {
+        let slots = std::mem::take(&mut *self.inner.lock_slots());
+        for slot in slots.into_values().flat_map(HashMap::into_values) {
+            if let Ok(mut conn) = slot.try_lock()
+                && let Some(conn) = conn.take()
+            {
+                conn.shared.closing.store(true, Ordering::Release);
+                conn.shared.close();
+                conn.shared.idle.notify_one();
+            }
         }
     }
 
@@ -410,7 +436,7 @@ impl HbonePool {
             // The SPIFFE verifier ignores the name; an IP name also keeps SNI off the wire.
             let name = ServerName::IpAddress(tunnel.ip().into());
             let tls = TlsConnector::from(Arc::new(config))
-                .connect(name, tcp)
+                .connect(name, Lingering::new(tcp))
                 .await
                 .map_err(|source| ConnectError::Tls { tunnel, source })?;
             let peer = peer_identity(tls.get_ref().1.peer_certificates())
@@ -440,6 +466,7 @@ impl HbonePool {
             shared: shared.clone(),
             idle_timeout: self.inner.settings.idle_timeout,
         };
+        self.inner.live.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(driver.run(connection));
         Ok(PooledConn { send, peer, local, shared })
     }
@@ -491,7 +518,7 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(self, connection: Connection<TlsStream<TcpStream>, Bytes>) {
+    async fn run(self, connection: Connection<TlsStream<Lingering>, Bytes>) {
         tokio::pin!(connection);
         let outcome = 'drive: loop {
             while self.shared.streams() > 0 {
@@ -500,9 +527,13 @@ impl Driver {
                     () = self.shared.idle.notified() => {}
                 }
             }
+            if self.shared.closing.load(Ordering::Acquire) {
+                break Ok(());
+            }
             let epoch = self.shared.idle_epoch.load(Ordering::Acquire);
             tokio::select! {
                 r = &mut connection => break r.map_err(|e| e.to_string()),
+                () = self.shared.idle.notified() => {}
                 () = tokio::time::sleep(self.idle_timeout) => {
                     // Closes only if no stream came and went meanwhile and none is live now.
                     let quiet = self.shared.idle_epoch.load(Ordering::Acquire) == epoch;
@@ -516,6 +547,9 @@ impl Driver {
         self.shared.close();
         tracing::debug!(src = %self.src, tunnel = %self.route.tunnel, ?outcome, "HBONE connection closed");
         self.evict();
+        if let Some(pool) = self.pool.upgrade() {
+            pool.live.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Removes the pool entry when it still holds this (now closed) connection. An entry someone is

@@ -7,6 +7,7 @@
 //! [`crate::identity`].
 
 pub mod client;
+pub mod linger;
 pub mod server;
 pub mod stream;
 

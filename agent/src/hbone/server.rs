@@ -140,11 +140,13 @@ pub struct Connect {
 /// Serves one accepted HBONE connection until the client closes it. For each CONNECT, `handler`
 /// gets the [`Connect`] and either refuses (the refusal's status is sent) or returns a relay, which
 /// receives the tunnel after the 200 is sent. Streams run concurrently, one
-/// task each.
+/// task each. Once `drain` completes (the agent hands over), a GOAWAY tells the client to open its
+/// next streams elsewhere, and the open ones finish here.
 pub async fn serve<H, F, R, RF>(
     config: Arc<rustls::ServerConfig>,
     tcp: TcpStream,
     handler: H,
+    drain: impl Future<Output = ()>,
 ) -> Result<(), ServeError>
 where
     H: Fn(Connect) -> F + Clone + Send + Sync + 'static,
@@ -154,9 +156,10 @@ where
 {
     let remote = tcp.peer_addr().map_err(ServeError::Socket)?;
     tcp.set_nodelay(true).map_err(ServeError::Socket)?;
+    let _serving = Serving::count();
     let handshakes = async {
         let tls = TlsAcceptor::from(config)
-            .accept(tcp)
+            .accept(super::linger::Lingering::new(tcp))
             .await
             .map_err(|source| ServeError::Tls { remote, source })?;
         let (_, session) = tls.get_ref();
@@ -183,12 +186,48 @@ where
         .map_err(|_| ServeError::Timeout { remote })??;
     tracing::debug!(%remote, %peer, "HBONE connection accepted");
     // Accepting also drives the connection, so it continues while stream tasks run.
-    while let Some(next) = connection.accept().await {
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            () = &mut drain, if !draining => {
+                draining = true;
+                tracing::debug!(%remote, %peer, "HBONE connection draining (GOAWAY)");
+                connection.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (request, respond) =
             next.map_err(|source| ServeError::Http2 { remote, peer: peer.clone(), source })?;
         tokio::spawn(serve_stream(request, respond, peer.clone(), handler.clone()));
     }
     Ok(())
+}
+
+/// Tunnel connections being served now.
+static SERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many tunnel connections this agent serves now (a draining agent waits for none).
+pub fn serving() -> usize {
+    SERVING.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Counts one served connection while it lives.
+struct Serving;
+
+impl Serving {
+    fn count() -> Self {
+        SERVING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Serving
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Answers one request: 405 for anything but CONNECT, 400 for a target that is not `ip:port`,
@@ -204,21 +243,11 @@ async fn serve_stream<H, F, R, RF>(
     R: FnOnce(HboneStream) -> RF,
     RF: Future<Output = ()>,
 {
-    if request.method() != Method::CONNECT {
-        return reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let Some(authority) = target(&request) else {
-        tracing::debug!(%peer, uri = %request.uri(), "HBONE CONNECT with a malformed target");
-        return reply(&mut respond, StatusCode::BAD_REQUEST);
+    let connect = match parse_connect(&request, &peer) {
+        Ok(connect) => connect,
+        Err(status) => return reply(&mut respond, status),
     };
-    let protocol = request
-        .headers()
-        .get(super::PROTOCOL_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(AppProtocol::parse);
-    let forwarded_for =
-        request.headers().get(http::header::FORWARDED).and_then(|v| v.to_str().ok()).and_then(forwarded_for);
-    let connect = Connect { target: authority, peer: peer.clone(), protocol, forwarded_for };
+    let authority = connect.target;
     let relay = match handler(connect).await {
         Ok(relay) => relay,
         Err(refusal) => {
@@ -238,8 +267,28 @@ async fn serve_stream<H, F, R, RF>(
     relay(HboneStream::new(send, request.into_body())).await;
 }
 
+/// What a request asks of the handler, or the status refusing it: 405 for anything but CONNECT,
+/// 400 for a target that is not `ip:port`. Public so the fuzz target reaches it without HTTP/2.
+pub fn parse_connect<B>(request: &Request<B>, peer: &SpiffeId) -> Result<Connect, StatusCode> {
+    if request.method() != Method::CONNECT {
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = target(request) else {
+        tracing::debug!(%peer, uri = %request.uri(), "HBONE CONNECT with a malformed target");
+        return Err(StatusCode::BAD_REQUEST);
+    };
+    let protocol = request
+        .headers()
+        .get(super::PROTOCOL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(AppProtocol::parse);
+    let forwarded_for =
+        request.headers().get(http::header::FORWARDED).and_then(|v| v.to_str().ok()).and_then(forwarded_for);
+    Ok(Connect { target, peer: peer.clone(), protocol, forwarded_for })
+}
+
 /// The CONNECT target: an `ip:port` with a non-zero port; anything else is malformed here.
-fn target(request: &Request<RecvStream>) -> Option<SocketAddr> {
+fn target<B>(request: &Request<B>) -> Option<SocketAddr> {
     let uri = request.uri();
     if uri.scheme().is_some() || uri.path_and_query().is_some() {
         return None;
@@ -414,7 +463,7 @@ mod tests {
         });
         let (tcp, _) = listener.accept().await.unwrap();
         let never = |_| async { Ok(|s: HboneStream| async move { drop(s) }) };
-        let err = serve(mesh.server_config(), tcp, never).await.unwrap_err();
+        let err = serve(mesh.server_config(), tcp, never, std::future::pending()).await.unwrap_err();
         assert!(matches!(err, ServeError::Tls { .. }), "{err}");
         drop(client);
     }

@@ -124,7 +124,7 @@ where
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let (config, handler) = (config.clone(), handler.clone());
                 let task = tokio::spawn(async move {
-                    if let Err(e) = serve(config, tcp, handler).await {
+                    if let Err(e) = serve(config, tcp, handler, std::future::pending()).await {
                         tracing::debug!(error = %e, "test HBONE connection ended");
                     }
                 });

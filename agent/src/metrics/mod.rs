@@ -71,7 +71,7 @@ pub enum MetricsError {
 }
 
 /// Which proxy reports a connection (Istio's `reporter`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Reporter {
     /// The source pod's side (outbound).
     Source,
@@ -80,7 +80,7 @@ pub enum Reporter {
 }
 
 /// Istio's `connection_security_policy`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum SecurityPolicy {
     /// Mutual TLS with workload identities.
     MutualTls,
@@ -95,7 +95,7 @@ pub enum SecurityPolicy {
 }
 
 /// Istio's `request_protocol`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum RequestProtocol {
     /// Opaque TCP.
     Tcp,
@@ -111,7 +111,7 @@ pub enum RequestProtocol {
 /// name), never an address. `destination_service` is the service as `NAMESPACE/NAME`, the way the
 /// CLI and the access log name it (Istio writes the host `NAME.NAMESPACE.svc.DOMAIN`), or
 /// [`UNKNOWN`] when the destination is not a service VIP. Principals are SPIFFE IDs or [`UNKNOWN`].
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ConnLabels {
     /// Which side reports.
     pub reporter: Reporter,

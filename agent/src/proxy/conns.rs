@@ -60,7 +60,7 @@ pub struct ConnMeta {
 }
 
 /// What a relayed connection carries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Carried {
     /// Opaque bytes.
     #[default]
@@ -263,6 +263,26 @@ impl OpenConn<'_> {
         }
     }
 
+    /// Resolves once the connection is closed from outside (a policy change), with the reason.
+    pub async fn closed(&self) -> String {
+        self.live.closer.closed().await
+    }
+
+    /// How long the connection has been open (across agents, for a moved one).
+    pub fn age(&self) -> std::time::Duration {
+        self.live.started.elapsed()
+    }
+
+    /// Records that the connection went to the next agent, which records its end.
+    pub fn moved(self) {
+        self.shared.conns.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.live.meta.id);
+        if self.shared.events.enabled() {
+            let mut record = self.live.meta.record();
+            extend(&mut record, json!({ "event": "conn_handed_over" }));
+            self.shared.events.emit(record);
+        }
+    }
+
     /// Runs `serve` (the HTTP layer) until it ends or the connection is closed from outside.
     pub async fn serve<F>(&self, serve: F) -> CloseReason
     where
@@ -343,19 +363,49 @@ impl ProxyShared {
         conn.close(&reason);
     }
 
+    /// Registers a connection the previous agent handed over, with its bytes and age so far; its
+    /// subject is decided again now, so it is held to this agent's policies.
+    pub fn open_resumed(
+        &self,
+        mut meta: ConnMeta,
+        bytes: (u64, u64),
+        age: std::time::Duration,
+    ) -> OpenConn<'_> {
+        if let Some(subject) = meta.subject.clone() {
+            // Denied now: the relay sees the close at once and records it.
+            let denied = self.authorize(&mut meta, subject).err();
+            let conn = self.open_conn_at(meta, age, "conn_resumed");
+            conn.live.stats.sent.store(bytes.0, std::sync::atomic::Ordering::Relaxed);
+            conn.live.stats.received.store(bytes.1, std::sync::atomic::Ordering::Relaxed);
+            if let (Some(reason), Some(decision)) = (denied, conn.live.meta.authz.clone()) {
+                conn.live.closer.close(format!("closed by policy after handoff: {reason}"), decision);
+            }
+            return conn;
+        }
+        let conn = self.open_conn_at(meta, age, "conn_resumed");
+        conn.live.stats.sent.store(bytes.0, std::sync::atomic::Ordering::Relaxed);
+        conn.live.stats.received.store(bytes.1, std::sync::atomic::Ordering::Relaxed);
+        conn
+    }
+
     /// Registers a connection the proxy is about to relay.
     pub fn open_conn(&self, meta: ConnMeta) -> OpenConn<'_> {
+        self.open_conn_at(meta, std::time::Duration::ZERO, "conn_open")
+    }
+
+    fn open_conn_at(&self, meta: ConnMeta, age: std::time::Duration, event: &str) -> OpenConn<'_> {
         let metrics = self.metrics.opened(&meta.labels);
         if self.events.enabled() {
             let mut record = meta.record();
-            extend(&mut record, json!({ "event": "conn_open" }));
+            extend(&mut record, json!({ "event": event }));
             self.events.emit(record);
         }
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         let live = Arc::new(Live {
             meta,
             stats: Arc::default(),
             requests: Default::default(),
-            started: Instant::now(),
+            started,
             closer: Closer::default(),
         });
         self.conns.live.lock().unwrap_or_else(|p| p.into_inner()).insert(live.meta.id, live.clone());

@@ -24,10 +24,11 @@ use super::{
     authorize::AuthzSubject,
     conns::{Carried, ConnMeta},
     inbound::connect_to_app,
-    relay::CloseReason,
+    relay::{CloseReason, RelayState},
 };
 use crate::{
     config::AppProtocol,
+    handoff::relays::{Movable, Outcome, relay_movable},
     http::{
         detect::{Detected, detect},
         rewind::Rewind,
@@ -82,7 +83,7 @@ pub(super) async fn deliver<D>(
     source: Option<SocketAddr>,
 ) -> Option<Delivered>
 where
-    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: AsyncRead + AsyncWrite + Movable + Unpin + Send + 'static,
 {
     let shared = &pod.shared;
     let settings = shared.state().config.http;
@@ -104,7 +105,7 @@ where
             }
         },
     };
-    let mut down = Rewind::new(buf.freeze(), down);
+    let down = Rewind::new(buf.freeze(), down);
     let version = match detected {
         Detected::Opaque => {
             if let Some(subject) = meta.subject.clone().filter(|s| s.http) {
@@ -116,11 +117,20 @@ where
                     return None;
                 }
             }
-            let mut app = dialled(pod, &meta, app, source).await?;
+            let app = dialled(pod, &meta, app, source).await?;
             let conn = shared.open_conn(meta);
-            let reason = conn.relay(&mut down, &mut app, conn.stats()).await;
+            let outcome = relay_movable(shared, &conn, down, app, RelayState::default()).await;
             let bytes = totals(conn.stats());
-            conn.close(&reason);
+            let reason = match outcome {
+                Outcome::Closed(reason) => {
+                    conn.close(&reason);
+                    reason
+                }
+                Outcome::Moved => {
+                    conn.moved();
+                    CloseReason::Closed("handed over to the next agent".into())
+                }
+            };
             return Some(Delivered { reason, bytes });
         }
         Detected::Http1 => Version::Http1,

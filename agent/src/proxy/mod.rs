@@ -110,6 +110,8 @@ pub struct ProxyShared {
     pub conns: ConnTable,
     /// Pod netns with transparent inbound installed.
     pub transparency: TransparencyRegistry,
+    /// Handing relays over to the next agent.
+    pub handoff: Arc<crate::handoff::Hub>,
     state: RwLock<Arc<MeshState>>,
     /// Enrolled pods by key, for the node-local shortcut. Weak: each context holds this struct.
     local_pods: RwLock<HashMap<String, Weak<PodContext>>>,
@@ -132,6 +134,7 @@ impl ProxyShared {
             metrics: sinks.metrics,
             conns: ConnTable::default(),
             transparency: TransparencyRegistry::default(),
+            handoff: Arc::default(),
             ports,
             mtls,
             state: RwLock::new(Arc::new(state)),

@@ -5,13 +5,18 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use bytes::Bytes;
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use super::{PodContext, conns::ConnMeta, routes::Resolved, shortcut, sockets::connect_from};
+use super::{
+    PodContext, conns::ConnMeta, relay::RelayState, routes::Resolved, shortcut, sockets::connect_from,
+};
 use crate::{
     admin::model::Direction,
+    handoff::relays::{Outcome, relay_movable},
     hbone::Origin,
+    http::rewind::Rewind,
     metrics::{ConnLabels, Reporter, SecurityPolicy},
 };
 
@@ -116,13 +121,18 @@ pub async fn handle(mut down: TcpStream, peer: SocketAddr, pod: Arc<PodContext>)
         shared.relay_conn(meta, &mut down, &mut stream).await;
     } else {
         meta.labels.connection_security_policy = SecurityPolicy::None;
-        let mut up = match connect_from(&pod.netns, target).await {
+        let up = match connect_from(&pod.netns, target).await {
             Ok(up) => up,
             Err(e) => {
                 shared.reject_conn(&meta, "conn_failed", &e.to_string());
                 return;
             }
         };
-        shared.relay_conn(meta, &mut down, &mut up).await;
+        let conn = shared.open_conn(meta);
+        let down = Rewind::new(Bytes::new(), down);
+        match relay_movable(shared, &conn, down, up, RelayState::default()).await {
+            Outcome::Closed(reason) => conn.close(&reason),
+            Outcome::Moved => conn.moved(),
+        }
     }
 }

@@ -107,20 +107,75 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = Direction::new(&stats.sent);
-    let mut down = Direction::new(&stats.received);
+    match relay_pausable(downstream, upstream, stats, RelayState::default(), std::future::pending()).await {
+        Relayed::Closed(reason) => reason,
+        Relayed::Paused(_) => unreachable!("a pending future never completes"),
+    }
+}
+
+/// Where one direction of a paused relay stood: bytes read and not yet written, and how far its
+/// half-close had gone. Enough for another process to go on from exactly there.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DirectionState {
+    /// Read from the reader, not yet taken by the writer.
+    pub pending: Vec<u8>,
+    /// The reader reached EOF.
+    pub read_eof: bool,
+    /// The EOF was passed on (the writer is shut down): this direction is finished.
+    pub done: bool,
+}
+
+/// Both directions of a paused relay.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RelayState {
+    /// Downstream to upstream.
+    pub up: DirectionState,
+    /// Upstream back to downstream.
+    pub down: DirectionState,
+}
+
+/// How [`relay_pausable`] ended.
+#[derive(Debug)]
+pub enum Relayed {
+    /// The connection is over.
+    Closed(CloseReason),
+    /// `pause` completed first; the streams are intact and this is where the relay stood.
+    Paused(RelayState),
+}
+
+/// [`relay`] from `state` (where an earlier relay of these streams paused), until done or until
+/// `pause` completes. A pause takes effect between steps, never inside one, so no byte is lost or
+/// duplicated: what was read and not written is in the returned state.
+pub async fn relay_pausable<D, U>(
+    downstream: &mut D,
+    upstream: &mut U,
+    stats: &RelayStats,
+    state: RelayState,
+    pause: impl Future<Output = ()>,
+) -> Relayed
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Direction::resume(&stats.sent, state.up);
+    let mut down = Direction::resume(&stats.received, state.down);
+    let mut pause = std::pin::pin!(pause);
     // Both directions are polled from one future over the two `&mut` streams, so neither stream
     // has to be split.
-    let result: io::Result<()> = poll_fn(|cx| {
+    let result: io::Result<bool> = poll_fn(|cx| {
+        if pause.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(false));
+        }
         let up_done = up.poll(cx, &mut *downstream, &mut *upstream)?.is_ready();
         let down_done = down.poll(cx, &mut *upstream, &mut *downstream)?.is_ready();
-        if up_done && down_done { Poll::Ready(Ok(())) } else { Poll::Pending }
+        if up_done && down_done { Poll::Ready(Ok(true)) } else { Poll::Pending }
     })
     .await;
     match result {
-        Ok(()) => CloseReason::Eof,
+        Ok(true) => Relayed::Closed(CloseReason::Eof),
+        Ok(false) => Relayed::Paused(RelayState { up: up.state(), down: down.state() }),
         // Dropping the other direction closes both sockets when the caller drops them.
-        Err(e) => CloseReason::Error(e.to_string()),
+        Err(e) => Relayed::Closed(CloseReason::Error(e.to_string())),
     }
 }
 
@@ -155,8 +210,22 @@ struct Direction<'a> {
 }
 
 impl<'a> Direction<'a> {
+    #[cfg(test)]
     fn new(counter: &'a AtomicU64) -> Self {
-        Self { pending: Vec::new(), start: 0, read_eof: false, done: false, unflushed: false, counter }
+        Self::resume(counter, DirectionState::default())
+    }
+
+    fn resume(counter: &'a AtomicU64, state: DirectionState) -> Self {
+        let DirectionState { pending, read_eof, done } = state;
+        // Anything carried over is written before the next read.
+        Self { pending, start: 0, read_eof, done, unflushed: false, counter }
+    }
+
+    /// Where this direction stands, for a relay that goes on elsewhere.
+    fn state(&mut self) -> DirectionState {
+        let pending = self.pending.split_off(self.start.min(self.pending.len()));
+        self.start = 0;
+        DirectionState { pending, read_eof: self.read_eof, done: self.done }
     }
 
     fn poll<R, W>(&mut self, cx: &mut Context<'_>, reader: &mut R, writer: &mut W) -> Poll<io::Result<()>>
@@ -314,6 +383,47 @@ mod tests {
         assert_eq!(got, data, "bytes arrive whole and in order, then EOF");
         assert_eq!(dir.pending.capacity(), 0, "drained: the buffer is released");
         assert_eq!(counter.load(Ordering::Relaxed), 3000);
+    }
+
+    #[tokio::test]
+    async fn a_paused_relay_resumes_elsewhere_without_losing_or_repeating_a_byte() {
+        // client <-> (down relay up) <-> server, with the server not reading at first, so bytes
+        // pile up in the relay; then the relay pauses and a second relay (another agent) resumes.
+        let (mut client, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
+        let stats = RelayStats::default();
+        let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
+        let writer = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                client.write_all(&data).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                client.read_to_end(&mut back).await.unwrap();
+                back
+            })
+        };
+        let pause = tokio::time::sleep(std::time::Duration::from_millis(200));
+        let Relayed::Paused(state) =
+            relay_pausable(&mut down, &mut up, &stats, RelayState::default(), pause).await
+        else {
+            panic!("the relay should have paused");
+        };
+        let moved = stats.sent.load(Ordering::Relaxed);
+        assert!(moved > 0, "some bytes went through before the pause");
+        let stats2 = RelayStats::default();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            server.write_all(b"done").await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        });
+        let end = relay_pausable(&mut down, &mut up, &stats2, state, std::future::pending()).await;
+        assert!(matches!(end, Relayed::Closed(CloseReason::Eof)), "{end:?}");
+        assert_eq!(reader.await.unwrap(), data, "every byte once, in order");
+        assert_eq!(writer.await.unwrap(), b"done");
+        assert_eq!(moved + stats2.sent.load(Ordering::Relaxed), data.len() as u64);
     }
 
     #[tokio::test]

@@ -85,7 +85,9 @@ pub async fn handle(
             })
         }
     };
-    if let Err(e) = hbone::serve(config, tcp, handler).await {
+    let hub = pod.shared.handoff.clone();
+    let drain = async move { hub.handing_over().await };
+    if let Err(e) = hbone::serve(config, tcp, handler, drain).await {
         tracing::debug!(pod = %pod.key, %peer, error = %e, "tunnel connection ended with an error");
     }
 }

@@ -2,8 +2,9 @@
 //! arrives on a real interface for a local address of the netns: the tunnel port to the pod's HBONE
 //! listener, every other port to its inbound listener. The tables are keyed by address and hold
 //! every non-loopback address of the netns (the agent watches them), so a SYN for an address with
-//! no entry is dropped: it belongs to an enrolled pod whose new address is not registered yet, and
-//! the client's retransmit finds it steered. Nothing reaches a pod's app unproxied, with one
+//! no entry is dropped, and the kernel answers a dropped lookup with a RST: the address belongs to
+//! an enrolled pod whose new address is not registered yet, or no agent runs (the listeners are
+//! gone, the pinned programs stay), and the client is refused rather than reaching the app. Nothing reaches a pod's app unproxied, with one
 //! exception: a SYN from the probe source address (which only the node's own connects carry, see
 //! `probe`) goes to the app as it would without the mesh, so STRICT pods stay probe-able. The node
 //! drops packets from outside that claim one of its own addresses as their source (a martian
