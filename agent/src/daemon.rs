@@ -202,11 +202,26 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Before "ready": from then on a SIGTERM means a clean shutdown, never the default (fatal) action.
     let shutdown = ShutdownSignals::install()?;
     let mut admin_task = admin_task;
+    // Watching before taking over: with Kubernetes, the first sync says which pods there are.
+    let watcher = tokio::spawn(watch(feed, node.clone()));
     if let Some(taker) = taker {
         // Every pod served here first: a new agent that cannot become ready leaves the old one
         // serving (this one exits, and the old one never stopped).
-        wait_until_enrolled(&node).await?;
-        let taken = taker.take_over(&shared).await.context("taking over from the serving agent")?;
+        // Giving up releases, never unenrolls: the pods' addresses stay steered to the listeners
+        // this agent shares with the serving one.
+        if let Err(e) = wait_until_enrolled(&node).await {
+            watcher.abort();
+            node.shutdown().await;
+            return Err(e);
+        }
+        let taken = match taker.take_over(&shared).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                watcher.abort();
+                node.shutdown().await;
+                return Err(anyhow::Error::new(e).context("taking over from the serving agent"));
+            }
+        };
         tracing::info!(?taken, "took over from the previous agent");
         shared.events.emit(json!({
             "event": "took_over", "relays": taken.relays, "failed": taken.failed, "draining": taken.draining,
@@ -226,7 +241,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // free now but that the allocator would otherwise keep for the agent's whole life.
     crate::memory::release_free_heap();
 
-    let watcher = tokio::spawn(watch(feed, node.clone()));
     let (giver_task, giver_listener) = giver;
     let handed_to = tokio::select! {
         () = shutdown.wait() => None,
@@ -376,22 +390,22 @@ impl ShutdownSignals {
 /// serving agent in charge).
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(30);
 
-/// Waits until no pod is waiting for its enrollment, retrying them on their schedule.
+/// Waits until the desired state is known (the Kubernetes caches synced) and no pod is waiting
+/// for its enrollment; the watcher retries them on their schedule meanwhile.
 async fn wait_until_enrolled(node: &NodeState) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
     loop {
         let waiting = node.waiting();
-        if waiting.is_empty() {
+        if waiting.is_empty() && node.synced() {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
             let pods: Vec<&String> = waiting.keys().collect();
             anyhow::bail!(
-                "pods not enrolled after {TAKE_OVER_WAIT:?}: {pods:?}; the serving agent stays in charge"
+                "not synced, or pods not enrolled, after {TAKE_OVER_WAIT:?} (waiting: {pods:?}); the serving agent stays in charge"
             );
         }
         tokio::time::sleep(RELOAD_POLL).await;
-        node.retry_waiting().await;
     }
 }
 
@@ -437,14 +451,15 @@ async fn hand_over(wire: crate::handoff::wire::Wire, shared: &Arc<ProxyShared>, 
             0
         }
     };
-    let draining = shared.conns.len();
+    let draining = shared.conns.len().max(shared.handoff.in_flight());
     tracing::info!(moved, draining, "handed over; draining");
     shared.events.emit(json!({
         "event": "handed_over", "relays": moved, "draining": draining,
         "handoff_ms": started.elapsed().as_secs_f64() * 1000.0,
     }));
     let end = deadline.map(|d| tokio::time::Instant::now() + d);
-    while !shared.conns.is_empty() {
+    // Every accepted connection, including those still being set up, and every relayed one.
+    while !shared.conns.is_empty() || shared.handoff.in_flight() > 0 {
         if end.is_some_and(|end| tokio::time::Instant::now() >= end) {
             tracing::warn!(left = shared.conns.len(), "drain deadline reached; closing what is left");
             break;

@@ -242,9 +242,12 @@ fn traffic_between_nodes_is_encrypted() {
     assert!(!contains(&pcap, &marker), "the marker crossed the link in clear with the mesh on");
 
     // The same traffic with the mesh off crosses the link in clear: the check above can fail.
-    let TwoNodes { a, b, client, link, .. } = t;
+    let TwoNodes { a, b, client, link, _node_a, _node_b, .. } = t;
     a.stop().unwrap();
     b.stop().unwrap();
+    // A stopped agent leaves its datapath pinned (the pods fail closed): uninstall for plaintext.
+    a.uninstall(&_node_a).unwrap();
+    b.uninstall(&_node_b).unwrap();
     let cap = Capture::start(&link, dir.path(), "plain").unwrap();
     let echoed = send_marker(&client, addr, payload.clone()).unwrap();
     assert!(echoed >= payload.len());

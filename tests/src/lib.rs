@@ -30,6 +30,7 @@ pub mod policy_dir;
 mod process;
 pub mod prometheus;
 pub mod scenario;
+pub mod soak;
 pub mod testapp;
 pub mod upgrade_load;
 

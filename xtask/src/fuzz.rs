@@ -1,7 +1,8 @@
 //! `cargo xtask fuzz [--seconds N]`: runs each of the agent's fuzz targets (agent/fuzz, with
-//! cargo-fuzz on nightly, which `setup` installs) in turn: the policy loader, path normalization and
-//! the HTTP/1 request path. `cargo xtask test` gives each 20 seconds; a longer run is for before a
-//! release or after a change to agent/src/policy or agent/src/http.
+//! cargo-fuzz on nightly, which `setup` installs) in turn: the policy loader, path normalization,
+//! the HTTP/1 request path, the mesh file, SPIFFE IDs, the mTLS certificate verifiers and HBONE
+//! CONNECT requests. `cargo xtask test` gives each 10 seconds; a longer run is for before a release
+//! or after a change to agent/src/policy, http, config, identity or hbone.
 
 use anyhow::{Context as _, Result};
 use std::ffi::OsString;
@@ -10,11 +11,20 @@ use std::path::Path;
 
 use crate::{cmd, paths, setup};
 
-/// How long `cargo xtask test` fuzzes each target: a minute in all, so CI keeps to its time.
-pub const TEST_SECONDS: u64 = 20;
+/// How long `cargo xtask test` fuzzes each target: with seven, still about a minute in all (plus
+/// the builds), so CI keeps to its time.
+pub const TEST_SECONDS: u64 = 10;
 
 /// The targets, in the order they run.
-pub const TARGETS: [&str; 3] = ["policy_load", "path_normalize", "http1_request"];
+pub const TARGETS: [&str; 7] = [
+    "policy_load",
+    "path_normalize",
+    "http1_request",
+    "mesh_config",
+    "spiffe_id",
+    "svid_verifier",
+    "hbone_connect",
+];
 
 /// The fuzz project, from the repository root.
 const FUZZ_DIR: &str = "agent/fuzz";
@@ -68,12 +78,27 @@ mod tests {
     fn every_target_has_seeds_and_a_binary() {
         let root = paths::repo_root();
         let manifest = fs::read_to_string(root.join(FUZZ_DIR).join("Cargo.toml")).unwrap();
-        assert!(root.join(FUZZ_DIR).join("policy_load.dict").is_file());
+        for dict in ["policy_load.dict", "mesh_config.dict", "hbone_connect.dict"] {
+            assert!(root.join(FUZZ_DIR).join(dict).is_file(), "{dict} is missing");
+        }
         for name in TARGETS {
             assert!(manifest.contains(&format!("name = \"{name}\"")), "{name} is not a bin of agent/fuzz");
+            let source = root.join(FUZZ_DIR).join("fuzz_targets").join(format!("{name}.rs"));
+            assert!(source.is_file(), "{} is missing", source.display());
             let seeds = root.join(FUZZ_DIR).join("corpus").join(name);
             assert!(fs::read_dir(&seeds).unwrap().count() > 0, "{} has no seeds", seeds.display());
         }
+    }
+
+    #[test]
+    fn every_bin_of_agent_fuzz_runs_once_and_ci_keeps_to_about_a_minute() {
+        let manifest = fs::read_to_string(paths::repo_root().join(FUZZ_DIR).join("Cargo.toml")).unwrap();
+        let bins = manifest.matches("[[bin]]").count();
+        assert_eq!(bins, TARGETS.len(), "agent/fuzz has {bins} targets, TARGETS lists {}", TARGETS.len());
+        let unique: std::collections::BTreeSet<&str> = TARGETS.into_iter().collect();
+        assert_eq!(unique.len(), TARGETS.len(), "a target is listed twice: {TARGETS:?}");
+        let total = TEST_SECONDS * TARGETS.len() as u64;
+        assert!((45..=90).contains(&total), "`cargo xtask test` would fuzz for {total} s");
     }
 
     #[test]
@@ -91,5 +116,13 @@ mod tests {
         assert!(args.contains(&"-dict=agent/fuzz/policy_load.dict"), "{args:?}");
         let other = fuzz_args("path_normalize", Path::new("/t"), Path::new("/t/c"), 5);
         assert!(!other.iter().any(|a| a.to_string_lossy().starts_with("-dict")), "no dictionary: {other:?}");
+        let mesh = fuzz_args("mesh_config", Path::new("/t"), Path::new("/t/c"), TEST_SECONDS);
+        let mesh: Vec<&str> = mesh.iter().map(|a| a.to_str().unwrap()).collect();
+        assert!(mesh.contains(&"agent/fuzz/corpus/mesh_config"), "{mesh:?}");
+        assert!(mesh.contains(&"-dict=agent/fuzz/mesh_config.dict"), "{mesh:?}");
+        assert!(mesh.contains(&"-max_total_time=10"), "{mesh:?}");
+        let verifier = fuzz_args("svid_verifier", Path::new("/t"), Path::new("/t/c"), 5);
+        assert!(verifier.iter().any(|a| a == "agent/fuzz/corpus/svid_verifier"), "{verifier:?}");
+        assert!(!verifier.iter().any(|a| a.to_string_lossy().starts_with("-dict")), "{verifier:?}");
     }
 }

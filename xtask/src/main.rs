@@ -1,6 +1,6 @@
 //! Project tasks, run as `cargo xtask <task>`: set-up of the toolchain and host packages, build,
-//! test, demo, bench and fuzz. Depends on nothing in the workspace, because building the agent needs
-//! the toolchain that `setup` installs.
+//! test, demo, bench, soak and fuzz. Depends on nothing in the workspace, because building the agent
+//! needs the toolchain that `setup` installs.
 
 mod bench;
 mod build;
@@ -10,6 +10,7 @@ mod fuzz;
 mod image;
 mod paths;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,14 @@ enum Task {
         #[arg(long)]
         flamegraph: bool,
     },
+    /// Set up, build in release, then soak: a long mixed load through two agents, failing when
+    /// their memory or open descriptors grow more than 10% or the load sees an error.
+    Soak {
+        /// How long the load runs, warm-up (a fifth of it, at least 30 s) included.
+        #[arg(long, default_value_t = soak::DEFAULT_MINUTES,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        minutes: u64,
+    },
     /// Set up, build the agent in release mode, then its container image (deploy/Containerfile,
     /// FROM scratch, with podman).
     Image,
@@ -77,6 +86,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::Bench { quick, flamegraph } => bench::run(quick, flamegraph),
+        Task::Soak { minutes } => soak::run(minutes),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Image => image::run(),
     }

@@ -1,14 +1,15 @@
-//! `cargo xtask test`: the whole suite, as CI runs it, ending with the bench's smoke run. Set-up failures stop it (the kernel tests
-//! must never be skipped for want of root or cgroup v2); after that every step runs and a summary
-//! names the ones that failed.
+//! `cargo xtask test`: the whole suite, as CI runs it, with the bench's smoke run and a short soak.
+//! Set-up failures stop it (the kernel tests must never be skipped for want of root or cgroup v2);
+//! after that every step runs and a summary names the ones that failed.
 
 use anyhow::{Context as _, Result, bail};
 use std::fs;
 
-use crate::{build, cmd, fuzz, image, paths, setup};
+use crate::{build, cmd, fuzz, image, paths, setup, soak};
 
-/// Sets up, then runs sweep, build, tests, the bench smoke run, 20 seconds of fuzzing per target,
-/// the container image build, rustfmt and clippy; an error when any step failed.
+/// Sets up, then runs sweep, build, tests, the bench smoke run, a two-minute soak,
+/// [`fuzz::TEST_SECONDS`] of fuzzing per target, the container image build, rustfmt and clippy; an
+/// error when any step failed.
 pub fn run() -> Result<()> {
     setup::run(&setup::Options { rebuild_bpf_linker: false })?;
     let mut results: Vec<(&str, Result<()>)> = Vec::new();
@@ -26,6 +27,10 @@ pub fn run() -> Result<()> {
     let mut bench = cmd::command(bin_dir.join("ferry-bench"));
     bench.arg("--smoke").arg("--out").arg(paths::target_dir().join("bench-smoke"));
     results.push(("bench smoke run", cmd::run(bench.env("FERRY_BIN_DIR", &bin_dir))));
+    // A short soak keeps its checks working and catches gross growth of the agents (the long one
+    // is `cargo xtask soak`); its own directory, so it never overwrites a long run's summary.
+    let soak_out = paths::target_dir().join("soak-short");
+    results.push(("soak (short)", soak::soak(&bin_dir, soak::TEST_MINUTES, &soak_out)));
     results.push(("fuzz targets", fuzz::all(fuzz::TEST_SECONDS)));
     // The image definition builds for real (around the debug binary, which is already built).
     results.push(("container image", image::build(&bin_dir.join("ferry"))));

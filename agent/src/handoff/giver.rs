@@ -16,8 +16,11 @@ pub struct Offer {
     /// (`metrics` or `health`, listener).
     pub operator: Vec<(String, OwnedFd)>,
     /// (pod key, netns cookie, (bound address, listener) of each of its listeners).
-    pub pods: Vec<(String, u64, Vec<(SocketAddr, OwnedFd)>)>,
+    pub pods: Vec<PodListeners>,
 }
+
+/// One pod's listeners: (pod key, netns cookie, (bound address, listener) of each).
+pub type PodListeners = (String, u64, Vec<(SocketAddr, OwnedFd)>);
 
 /// Waits for an agent that takes over: each one that connects gets `offer()`'s listeners; one
 /// that goes away before `TakeOver` changes nothing here. Returns the connection of the one that

@@ -109,6 +109,8 @@ pub struct Hub {
     active: AtomicUsize,
     /// Relays resumed from the previous agent so far.
     resumed: AtomicUsize,
+    /// Accepted connections whose handling task still runs (set up, relayed or served).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Default for Hub {
@@ -118,6 +120,7 @@ impl Default for Hub {
             moving: Mutex::new(None),
             active: AtomicUsize::new(0),
             resumed: AtomicUsize::new(0),
+            in_flight: Arc::default(),
         }
     }
 }
@@ -150,12 +153,25 @@ impl Hub {
         self.active.load(Ordering::Acquire)
     }
 
+    /// Counts one accepted connection until the returned guard drops: a draining agent exits only
+    /// when none is left, including those still being set up.
+    pub fn accepted(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.in_flight.clone())
+    }
+
+    /// Accepted connections still being handled.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     /// Relays resumed from the previous agent.
     pub fn resumed(&self) -> usize {
         self.resumed.load(Ordering::Relaxed)
     }
 
     /// Hands a paused relay to the next agent; gives it back when that is no longer possible.
+    #[allow(clippy::result_large_err)] // the error is the relay handed back, not an error
     fn send(&self, conn: MovedConn) -> Result<(), MovedConn> {
         match &*self.moving.lock().unwrap_or_else(|p| p.into_inner()) {
             Some(tx) => tx.send(conn).map_err(|e| e.0),
@@ -167,6 +183,15 @@ impl Hub {
     fn track(self: &Arc<Self>) -> Track {
         self.active.fetch_add(1, Ordering::AcqRel);
         Track(self.clone())
+    }
+}
+
+/// One accepted connection being handled.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

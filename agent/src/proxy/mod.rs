@@ -223,7 +223,12 @@ where
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, pod.clone()));
+                let in_flight = pod.shared.handoff.accepted();
+                let task = handle(stream, peer, pod.clone());
+                tokio::spawn(async move {
+                    task.await;
+                    drop(in_flight);
+                });
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.key, error = %e, "accept failed; backing off");

@@ -22,7 +22,8 @@ use anyhow::{Context as _, Result};
 use ferry_tests::control::{ferry, next_reload};
 use ferry_tests::policy_dir::PolicyDir;
 use ferry_tests::scenario::{
-    NAMESPACE, SERVER_PORT, SERVICE, ScenarioPods, echo_service, pod_key, service_addr, wait_events,
+    NAMESPACE, SERVER_PORT, SERVICE, ScenarioPods, connect, echo_service, pod_key, service_addr, sock,
+    wait_events,
 };
 use ferry_tests::testapp::{self, ConnectOpts, ConnectReport};
 use ferry_tests::{Agent, ChildGuard, MeshFile, Pod, SimNode};
@@ -237,14 +238,60 @@ fn run() -> Result<Checks> {
     policy_scene(&mut checks, &s)?;
     http_scene(&mut checks, &s)?;
 
-    println!("\nStopping the agent (SIGTERM) and tearing the node down...");
+    let s = restart_scene(&mut checks, s)?;
+
+    println!("\nStopping the agent (SIGTERM), then `ferry uninstall`, and tearing the node down...");
     let Demo { agent, node, .. } = s;
     match agent.stop() {
         Ok(status) => checks.check(status.success(), format!("the agent exited cleanly ({status})")),
         Err(e) => checks.check(false, format!("the agent stopped: {e:#}")),
     }
+    let pinned = agent.pins().join("v1").join("pods").read_dir().map(|d| d.count()).unwrap_or(0);
+    checks.check(
+        pinned == 3,
+        format!("SIGTERM left the pinned datapath: links of {pinned} pods stay, the pods fail closed"),
+    );
+    match agent.uninstall(&node) {
+        Ok(said) => {
+            println!("  ferry uninstall: {}", said.trim());
+            checks.check(!agent.pins().exists(), "ferry uninstall removed every pin: the pods talk directly");
+        }
+        Err(e) => checks.check(false, format!("ferry uninstall: {e:#}")),
+    }
     drop(node);
     Ok(checks)
+}
+
+/// An upgrade by handoff while a connection is open: a new agent takes the old one's listeners,
+/// the open plaintext connection moves to it, and the old one exits.
+fn restart_scene(checks: &mut Checks, mut s: Demo) -> Result<Demo> {
+    println!("\nUpgrade by handoff: a second `ferry run` takes over while a connection is open");
+    let target = sock(s.servers[0].ipv4().into(), SERVER_PORT);
+    let opts = ConnectOpts { bytes: 1024, ..Default::default() };
+    let held = testapp::connect_held(&s.client, &target, &opts)?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let next = s.agent.start_successor(&s.node).context("starting the new agent")?;
+    let handed = s.agent.wait_for_event(|e| e["event"] == "handed_over", std::time::Duration::from_secs(30));
+    match &handed {
+        Ok(e) => println!(
+            "  the old agent handed over {} relay(s) in {:.1} ms",
+            e["relays"],
+            e["handoff_ms"].as_f64().unwrap_or(0.0)
+        ),
+        Err(e) => println!("  no handover: {e:#}"),
+    }
+    checks.check(handed.is_ok(), "the old agent handed its listeners and relays to the new one");
+    let report = held.release()?;
+    checks.check(
+        report.ok == 1,
+        format!("the connection opened before the upgrade finished intact: {report:?}"),
+    );
+    let old = std::mem::replace(&mut s.agent, next);
+    let exited = old.wait_exit(std::time::Duration::from_secs(30));
+    checks.check(exited.is_ok_and(|st| st.success()), "the old agent exited once nothing was left");
+    let after = connect(&s.client, &target, &["--bytes", "64"])?;
+    checks.check(after["ok"] == 1, "new connections go through the new agent");
+    Ok(s)
 }
 
 /// Prints the node's pods and what the agent enrolled.
