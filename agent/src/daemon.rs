@@ -165,6 +165,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     });
     let policy_count = policies.as_ref().map_or(0, Vec::len);
     let shared = Arc::new(ProxyShared::new(orig_dst, sinks, ports, mtls, MeshState::new(config, policies)));
+    if taker.is_some() {
+        // The serving agent accepts alone until this one is ready and takes over.
+        shared.handoff.stand_by();
+    }
     let host = match Host::at(opts.host_proc.clone(), opts.cgroup_root.clone()) {
         Ok(host) => Some(host),
         Err(e) => {
@@ -214,6 +218,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             node.shutdown().await;
             return Err(e);
         }
+        // From here both agents accept from the shared queues until the old one stops at TakeOver.
+        shared.handoff.serve();
         let taken = match taker.take_over(&shared).await {
             Ok(taken) => taken,
             Err(e) => {

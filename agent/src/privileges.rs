@@ -43,6 +43,11 @@ pub const HOST_MOUNTS: &[(&str, &str, &str)] = &[
     ),
     ("/sys/fs/bpf", "/sys/fs/bpf", "bpffs, for pinned programs and maps"),
     ("/var/run/netns", "/var/run/netns", "named network namespaces"),
+    (
+        "/run/ferry",
+        "/run/ferry",
+        "the admin and handoff sockets, shared by the old and new agent of an upgrade",
+    ),
 ];
 
 /// The capabilities in [`CAPABILITIES`] that the effective set `cap_eff` (hex, as

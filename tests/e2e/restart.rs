@@ -360,6 +360,18 @@ fn a_new_agent_that_cannot_become_ready_leaves_the_old_one_serving() {
     // still what a new agent reads at start.
     agent.write_mesh(&mesh.to_toml()).unwrap();
     let next = agent.spawn_successor(&pods.node).unwrap();
+    // A connection opened while the new agent holds the shared listeners and waits: the old one
+    // accepts it (a new agent accepts nothing before it takes over), so it outlives the attempt.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !next.stderr().contains("enrolled") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let during = ferry_tests::testapp::connect_held(
+        &pods.client,
+        &target,
+        &ferry_tests::testapp::ConnectOpts { bytes: 32, ..Default::default() },
+    )
+    .unwrap();
     let status = next.wait_exit(Duration::from_secs(120)).expect("the new agent gives up");
     assert!(!status.success(), "it exits with an error: {}", next.stderr());
     assert!(next.stderr().contains("serving agent stays in charge"), "{}", next.stderr());
@@ -368,4 +380,6 @@ fn a_new_agent_that_cannot_become_ready_leaves_the_old_one_serving() {
     assert_eq!(r["ok"], 1, "the old agent still serves: {r}");
     let report = held.release().unwrap();
     assert_eq!(report.ok, 1, "its connections too: {report:?}");
+    let report = during.release().unwrap();
+    assert_eq!(report.ok, 1, "and the one opened during the attempt: {report:?}");
 }

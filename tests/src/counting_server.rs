@@ -2,7 +2,7 @@
 //! application never saw a connection (one the mesh refused), which `ferry-testapp serve` cannot.
 
 use std::io::{ErrorKind, Read as _, Write as _};
-use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -31,17 +31,7 @@ pub struct CountingServer {
 impl CountingServer {
     /// Listens on `[::]:port` inside `pod`'s network namespace and starts accepting.
     pub fn start(pod: &Pod, port: u16, tag: &str) -> Result<Self> {
-        let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
-        let listener = pod
-            .run(|| -> std::io::Result<TcpListener> {
-                let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
-                socket.set_only_v6(false)?;
-                socket.set_reuse_address(true)?;
-                socket.bind(&addr.into())?;
-                socket.listen(128)?;
-                Ok(socket.into())
-            })
-            .with_context(|| format!("cannot listen on {addr} in pod {}", pod.name()))?;
+        let listener = pod.listen(port, 128)?;
         // Non-blocking so the accept loop can notice the stop flag.
         listener.set_nonblocking(true)?;
         let accepted = Arc::new(AtomicUsize::new(0));

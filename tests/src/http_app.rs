@@ -19,7 +19,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
-use std::net::{Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -153,18 +152,8 @@ impl App {
     }
 
     fn start(pod: &Pod, port: u16, kind: Kind, greeting: Vec<u8>) -> Result<Self> {
-        let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
-        let listener = pod
-            .run(|| -> std::io::Result<std::net::TcpListener> {
-                let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
-                socket.set_only_v6(false)?;
-                socket.set_reuse_address(true)?;
-                socket.bind(&addr.into())?;
-                socket.listen(128)?;
-                socket.set_nonblocking(true)?;
-                Ok(socket.into())
-            })
-            .with_context(|| format!("cannot listen on {addr} in pod {}", pod.name()))?;
+        let listener = pod.listen(port, 128)?;
+        listener.set_nonblocking(true)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name(format!("app-{port}"))

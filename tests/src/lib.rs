@@ -28,9 +28,11 @@ mod node;
 mod pod;
 pub mod policy_dir;
 mod process;
+pub mod procstat;
 pub mod prometheus;
 pub mod scenario;
 pub mod soak;
+pub mod stall;
 pub mod testapp;
 pub mod upgrade_load;
 

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -133,6 +133,21 @@ impl Pod {
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         netns::in_netns(&self.inner.netns_path, f)
             .unwrap_or_else(|e| panic!("cannot run in pod {}: {e:#}", self.inner.name))
+    }
+
+    /// A dual-stack listener on `[::]:port` in the pod's network namespace (not its cgroup), for a
+    /// server run by a thread of the test process.
+    pub fn listen(&self, port: u16, backlog: i32) -> Result<std::net::TcpListener> {
+        let addr = std::net::SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+        self.run(|| -> std::io::Result<std::net::TcpListener> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            socket.set_only_v6(false)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(backlog)?;
+            Ok(socket.into())
+        })
+        .with_context(|| format!("cannot listen on {addr} in pod {}", self.name()))
     }
 
     /// Runs `f` in a forked child that joined the pod's network namespace AND cgroup, so its

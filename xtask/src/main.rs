@@ -60,9 +60,9 @@ enum Task {
     /// FROM scratch, with podman).
     Image,
     /// Set up, then fuzz each target of agent/fuzz (policy loader, path normalization, HTTP/1
-    /// request path) in turn.
+    /// request path, mesh file, SPIFFE IDs, SVID verifier, HBONE CONNECT) in turn.
     Fuzz {
-        /// How long to fuzz each target, in seconds (`test` gives each 20).
+        /// How long to fuzz each target, in seconds (`test` gives each 10).
         #[arg(long, default_value_t = 600)]
         seconds: u64,
     },

@@ -103,6 +103,9 @@ impl Inherited {
 
 /// The proxy's side of a handoff: when relays pause, where they go, and how many are in flight.
 pub struct Hub {
+    /// True while a taking-over agent waits to be ready: it holds the shared listeners but leaves
+    /// accepting to the serving agent, so giving up loses no connection.
+    standby: watch::Sender<bool>,
     paused: watch::Sender<bool>,
     moving: Mutex<Option<mpsc::UnboundedSender<MovedConn>>>,
     /// Movable relays running now.
@@ -116,6 +119,7 @@ pub struct Hub {
 impl Default for Hub {
     fn default() -> Self {
         Self {
+            standby: watch::channel(false).0,
             paused: watch::channel(false).0,
             moving: Mutex::new(None),
             active: AtomicUsize::new(0),
@@ -126,6 +130,22 @@ impl Default for Hub {
 }
 
 impl Hub {
+    /// Holds every accept loop back until [`Hub::serve`] (for an agent about to take over).
+    pub fn stand_by(&self) {
+        self.standby.send_replace(true);
+    }
+
+    /// Lets the accept loops run.
+    pub fn serve(&self) {
+        self.standby.send_replace(false);
+    }
+
+    /// Resolves once this agent accepts connections.
+    pub async fn until_serving(&self) {
+        let mut rx = self.standby.subscribe();
+        let _ = rx.wait_for(|standby| !*standby).await;
+    }
+
     /// Resolves once this agent hands over (relays pause, tunnels drain).
     pub async fn handing_over(&self) {
         let mut rx = self.paused.subscribe();

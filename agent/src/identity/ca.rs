@@ -4,13 +4,17 @@
 //!
 //! On disk (`ferry ca init DIR`, `ferry ca issue-node DIR NODE`):
 //! `DIR/root.pem`, `DIR/root.key`, and `DIR/nodes/NODE/{ca.pem,ca.key,root.pem}`. A node's agent
-//! reads only its own node directory, so it never sees the root key.
+//! reads only its own node directory, so it never sees the root key. It reads that directory again
+//! for every SVID it signs: a renewed intermediate (`ferry ca issue-node` again, an updated
+//! Kubernetes Secret) is used without a restart, and a directory that can no longer be read stops
+//! issuance (the identity store then keeps each still-valid SVID and retries).
 
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rcgen::string::Ia5String;
@@ -113,6 +117,22 @@ pub enum IssueError {
     /// An external CA could not be reached or refused the request.
     #[error("CA unavailable: {0}")]
     Unavailable(String),
+    /// The node CA directory no longer holds a usable CA (unreadable, missing, expired, mismatched).
+    #[error("cannot sign with the node CA: {cause}")]
+    NodeCa {
+        /// The node CA directory.
+        dir: PathBuf,
+        /// What is wrong with it; its message names the file. Boxed: the error travels in every
+        /// issuance result, which should stay small.
+        cause: Box<CaError>,
+    },
+    /// The node directory's root differs from the one the agent started with, which its peers'
+    /// verification and its own trust bundle still use.
+    #[error("{}: the root changed since the agent started; a new root takes a restart", path.display())]
+    RootChanged {
+        /// The root certificate file.
+        path: PathBuf,
+    },
 }
 
 /// Why CA material could not be created, read or written.
@@ -359,50 +379,52 @@ impl RootCa {
 /// A node's intermediate CA, which signs the SVIDs of the identities on that node.
 #[derive(Debug)]
 pub struct NodeCa {
+    /// The intermediate as created or first loaded.
     auth: Authority,
     root: CertificateDer<'static>,
     bundle: TrustBundle,
+    /// The directory [`NodeCa::load`] read, read again at every issuance; `None` for a CA made
+    /// in memory, which signs with `auth`.
+    source: Option<PathBuf>,
+    /// The intermediate the last issuance signed with, so a renewed one is logged once.
+    last_signer: Mutex<CertificateDer<'static>>,
 }
 
 impl NodeCa {
     fn new(auth: Authority, root: CertificateDer<'static>) -> Result<Self, CaError> {
         let bundle = TrustBundle::new(auth.trust_domain.clone(), vec![root.clone()])?;
-        Ok(Self { auth, root, bundle })
+        let last_signer = Mutex::new(auth.cert.clone());
+        Ok(Self { auth, root, bundle, source: None, last_signer })
     }
 
     /// Loads a node directory (`ca.pem`, `ca.key`, `root.pem`), checking that the key matches the
-    /// intermediate, that the root signed it, and that both are valid at `now`.
+    /// intermediate, that the root signed it, and that both are valid at `now`. The CA keeps the
+    /// directory's path and reads it again for each SVID it signs (see the module docs).
     pub fn load(node_dir: &Path, now: UnixTime) -> Result<Self, CaError> {
-        let cert_path = node_dir.join(NODE_CERT_FILE);
-        let key_path = node_dir.join(NODE_KEY_FILE);
-        let root_path = node_dir.join(NODE_ROOT_FILE);
-        let cert = read_cert(&cert_path)?;
-        let key = read_key(&key_path)?;
-        let root = read_cert(&root_path)?;
+        let (auth, root) = read_node_dir(node_dir, now)?;
+        let mut ca = Self::new(auth, root)?;
+        ca.source = Some(node_dir.to_owned());
+        Ok(ca)
+    }
 
-        let root_facts = inspect_ca_cert(&root_path, &root, now)?;
-        if !root_facts.self_signed {
-            return Err(bad_cert(&root_path, "not a self-signed root certificate"));
+    /// The authority to sign with at `now`: the one in memory, or the node directory as it is now.
+    fn signer(&self, now: UnixTime) -> Result<SignerRef<'_>, IssueError> {
+        let Some(dir) = &self.source else { return Ok(SignerRef::Own(&self.auth)) };
+        let (auth, root) = read_node_dir(dir, now)
+            .map_err(|cause| IssueError::NodeCa { dir: dir.clone(), cause: Box::new(cause) })?;
+        // The trust bundle handed out at start (and the peers' bundles) hold the old root.
+        if root != self.root {
+            return Err(IssueError::RootChanged { path: dir.join(NODE_ROOT_FILE) });
         }
-        let trust_domain = root_facts.trust_domain(&root_path)?;
-        let facts = inspect_ca_cert(&cert_path, &cert, now)?;
-        if key.subject_public_key_info() != facts.spki {
-            return Err(CaError::KeyMismatch { key: key_path, cert: cert_path });
+        let mut last = self.last_signer.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != auth.cert {
+            tracing::info!(
+                dir = %dir.display(), not_after = auth.not_after,
+                "the node CA's intermediate changed on disk; signing with the new one"
+            );
+            *last = auth.cert.clone();
         }
-        if !signed_by(&cert, &root) {
-            return Err(CaError::NotSignedByRoot { cert: cert_path, root: root_path });
-        }
-        match &facts.uri {
-            Some(uri) if *uri == trust_domain.id().as_str() => {}
-            got => {
-                return Err(CaError::TrustDomainMismatch {
-                    path: cert_path,
-                    got: got.clone().unwrap_or_else(|| "(none)".into()),
-                    want: trust_domain,
-                });
-            }
-        }
-        Self::new(Authority { trust_domain, cert, key, not_after: facts.not_after }, root)
+        Ok(SignerRef::Fresh(auth))
     }
 
     /// Writes `ca.pem`, `ca.key` (mode 0600) and `root.pem` into `node_dir`, replacing old files.
@@ -419,7 +441,7 @@ impl NodeCa {
         &self.bundle
     }
 
-    /// The intermediate certificate.
+    /// The intermediate certificate as created or first loaded (issuance may use a newer one).
     pub fn cert(&self) -> &CertificateDer<'static> {
         &self.auth.cert
     }
@@ -430,7 +452,8 @@ impl NodeCa {
         &self.auth.key
     }
 
-    /// When the intermediate expires; SVIDs never outlive it.
+    /// When the intermediate of [`NodeCa::cert`] expires; SVIDs never outlive the one they are
+    /// signed with.
     pub fn not_after(&self) -> UnixTime {
         UnixTime::since_unix_epoch(Duration::from_secs(u64::try_from(self.auth.not_after).unwrap_or(0)))
     }
@@ -439,6 +462,7 @@ impl NodeCa {
 impl SvidIssuer for NodeCa {
     fn issue(&self, req: &SvidRequest<'_>) -> Result<Vec<CertificateDer<'static>>, IssueError> {
         let id = req.id;
+        // The root, and so the trust domain, is the one loaded at start (`signer` checks it).
         if !id.is_member_of(&self.auth.trust_domain) {
             return Err(IssueError::ForeignTrustDomain {
                 id: id.clone(),
@@ -451,8 +475,9 @@ impl SvidIssuer for NodeCa {
         if req.ttl < Duration::from_secs(1) {
             return Err(IssueError::TtlTooShort(req.ttl));
         }
-        if secs(req.now) >= self.auth.not_after {
-            return Err(IssueError::CaExpired { id: id.clone(), at: to_datetime(self.auth.not_after) });
+        let auth = self.signer(req.now)?;
+        if secs(req.now) >= auth.not_after {
+            return Err(IssueError::CaExpired { id: id.clone(), at: to_datetime(auth.not_after) });
         }
         let public_key = rcgen::SubjectPublicKeyInfo::from_der(req.public_key)
             .map_err(|e| IssueError::PublicKey { id: id.clone(), detail: e.to_string() })?;
@@ -470,14 +495,67 @@ impl SvidIssuer for NodeCa {
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial().map_err(sign_err)?);
-        let (not_before, not_after) = validity(req.now, req.ttl, Some(self.auth.not_after));
+        let (not_before, not_after) = validity(req.now, req.ttl, Some(auth.not_after));
         params.not_before = not_before;
         params.not_after = not_after;
 
-        let issuer = self.auth.issuer().map_err(|e| sign_err(e.to_string()))?;
+        let issuer = auth.issuer().map_err(|e| sign_err(e.to_string()))?;
         let leaf = params.signed_by(&public_key, &issuer).map_err(|e| sign_err(e.to_string()))?;
-        Ok(vec![leaf.der().clone(), self.auth.cert.clone()])
+        Ok(vec![leaf.der().clone(), auth.cert.clone()])
     }
+}
+
+/// The authority one issuance signs with.
+enum SignerRef<'a> {
+    /// The CA's own, for a CA made in memory.
+    Own(&'a Authority),
+    /// Just read from the node directory.
+    Fresh(Authority),
+}
+
+impl std::ops::Deref for SignerRef<'_> {
+    type Target = Authority;
+
+    fn deref(&self) -> &Authority {
+        match self {
+            SignerRef::Own(auth) => auth,
+            SignerRef::Fresh(auth) => auth,
+        }
+    }
+}
+
+/// Reads and checks a node directory: the intermediate with its key, and the root that signed it.
+fn read_node_dir(node_dir: &Path, now: UnixTime) -> Result<(Authority, CertificateDer<'static>), CaError> {
+    let cert_path = node_dir.join(NODE_CERT_FILE);
+    let key_path = node_dir.join(NODE_KEY_FILE);
+    let root_path = node_dir.join(NODE_ROOT_FILE);
+    let cert = read_cert(&cert_path)?;
+    let key = read_key(&key_path)?;
+    let root = read_cert(&root_path)?;
+
+    let root_facts = inspect_ca_cert(&root_path, &root, now)?;
+    if !root_facts.self_signed {
+        return Err(bad_cert(&root_path, "not a self-signed root certificate"));
+    }
+    let trust_domain = root_facts.trust_domain(&root_path)?;
+    let facts = inspect_ca_cert(&cert_path, &cert, now)?;
+    if key.subject_public_key_info() != facts.spki {
+        return Err(CaError::KeyMismatch { key: key_path, cert: cert_path });
+    }
+    if !signed_by(&cert, &root) {
+        return Err(CaError::NotSignedByRoot { cert: cert_path, root: root_path });
+    }
+    match &facts.uri {
+        Some(uri) if *uri == trust_domain.id().as_str() => {}
+        got => {
+            return Err(CaError::TrustDomainMismatch {
+                path: cert_path,
+                got: got.clone().unwrap_or_else(|| "(none)".into()),
+                want: trust_domain,
+            });
+        }
+    }
+    Ok((Authority { trust_domain, cert, key, not_after: facts.not_after }, root))
 }
 
 /// Certificate parameters shared by the root and node intermediates.
@@ -844,6 +922,69 @@ mod tests {
 
         fs::write(node_dir.join(NODE_KEY_FILE), &good_key).unwrap();
         assert!(NodeCa::load(&node_dir, now).is_ok(), "restored files load again");
+    }
+
+    /// Issues one SVID for `spiffe://example.org/ns/a/sa/b` with `node` at `now`.
+    fn issue_one(node: &NodeCa, now: UnixTime) -> Result<Vec<CertificateDer<'static>>, IssueError> {
+        let (_key, spki) = fresh_key();
+        let id = SpiffeId::parse("spiffe://example.org/ns/a/sa/b").unwrap();
+        node.issue(&SvidRequest { id: &id, public_key: &spki, ttl: DEFAULT_SVID_TTL, now })
+    }
+
+    #[test]
+    fn issuance_reads_the_node_directory_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = test_now();
+        let (_root, node_dir) = setup_node(dir.path(), now);
+        let node = NodeCa::load(&node_dir, now).unwrap();
+        assert!(issue_one(&node, now).is_ok());
+        // The key gone from the node (a lost volume, a deleted Secret): the copy in memory is not
+        // used either, so the outage shows (the store keeps its still-valid SVIDs meanwhile).
+        let (key, away) = (node_dir.join(NODE_KEY_FILE), node_dir.join("ca.key.away"));
+        fs::rename(&key, &away).unwrap();
+        let err = issue_one(&node, now).unwrap_err();
+        assert!(matches!(err, IssueError::NodeCa { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.starts_with("cannot sign with the node CA: "), "{text}");
+        assert!(text.contains("nodes/node-a/ca.key: cannot read"), "{text}");
+        fs::rename(&away, &key).unwrap();
+        assert!(issue_one(&node, now).is_ok(), "issues again once the key is back");
+    }
+
+    #[test]
+    fn a_renewed_intermediate_is_used_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = test_now();
+        let root = RootCa::init_dir(dir.path(), &td("example.org"), DEFAULT_ROOT_VALIDITY, now).unwrap();
+        let node_dir = root.issue_node_dir(dir.path(), "node-a", Duration::from_secs(600), now).unwrap();
+        let node = NodeCa::load(&node_dir, now).unwrap();
+        let first = node.cert().clone();
+        // Past the loaded intermediate's end nothing can be signed...
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs() + 601));
+        let err = issue_one(&node, later).unwrap_err();
+        assert!(err.to_string().contains("ca.pem: certificate expired at"), "{err}");
+        // ...until `ferry ca issue-node` renews it, which the running CA picks up.
+        root.issue_node_dir(dir.path(), "node-a", DEFAULT_NODE_VALIDITY, now).unwrap();
+        let chain = issue_one(&node, later).unwrap();
+        assert_ne!(chain[1], first, "signed by the renewed intermediate");
+        assert_eq!(chain[1], read_cert(&node_dir.join(NODE_CERT_FILE)).unwrap());
+        assert!(parse(&chain[0]).verify_signature(Some(parse(&chain[1]).public_key())).is_ok());
+        assert_eq!(node.cert(), &first, "cert() still names the intermediate loaded at start");
+    }
+
+    #[test]
+    fn a_new_root_on_disk_is_refused_until_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = test_now();
+        let (_root, node_dir) = setup_node(dir.path(), now);
+        let node = NodeCa::load(&node_dir, now).unwrap();
+        let bundle = node.trust_bundle().certs().to_vec();
+        let other = RootCa::generate(&td("example.org"), DEFAULT_ROOT_VALIDITY, now).unwrap();
+        other.issue_node("node-a", DEFAULT_NODE_VALIDITY, now).unwrap().write(&node_dir).unwrap();
+        let err = issue_one(&node, now).unwrap_err();
+        assert!(matches!(err, IssueError::RootChanged { .. }), "{err}");
+        assert!(err.to_string().contains("nodes/node-a/root.pem: the root changed"), "{err}");
+        assert_eq!(node.trust_bundle().certs(), bundle.as_slice(), "the bundle is the one of the start");
     }
 
     #[test]

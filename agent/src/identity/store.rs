@@ -486,6 +486,47 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_node_ca_keeps_the_certificate_then_fails_closed_then_recovers() {
+        use super::super::ca::{DEFAULT_NODE_VALIDITY, DEFAULT_ROOT_VALIDITY, NODE_KEY_FILE, NodeCa, RootCa};
+        use super::super::test_support::td;
+
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = test_now();
+        let root = RootCa::init_dir(dir.path(), &td("example.org"), DEFAULT_ROOT_VALIDITY, t0).unwrap();
+        let node_dir = root.issue_node_dir(dir.path(), "node-a", DEFAULT_NODE_VALIDITY, t0).unwrap();
+        let node = NodeCa::load(&node_dir, t0).unwrap();
+        let bundle = node.trust_bundle().clone();
+        let settings = StoreSettings { svid_ttl: Duration::from_secs(HOUR), ..StoreSettings::default() };
+        let store = IdentityStore::new(Arc::new(node), bundle, settings);
+        let web = id("spiffe://example.org/ns/shop/sa/web");
+        store.add(&web, t0).unwrap();
+        let first = store.get(&web, t0).unwrap();
+
+        // The node's key goes away: renewal at half-life fails, naming the file, and the
+        // still-valid certificate stays in use.
+        let (key, away) = (node_dir.join(NODE_KEY_FILE), node_dir.join("ca.key.away"));
+        std::fs::rename(&key, &away).unwrap();
+        store.tick(at(t0, HOUR / 2));
+        let status = &store.status()[0];
+        assert_eq!(status.failures, 1);
+        let error = status.last_error.as_deref().unwrap_or_default();
+        assert!(error.contains("cannot sign with the node CA") && error.contains("ca.key"), "{error}");
+        assert!(Arc::ptr_eq(&first, &store.get(&web, at(t0, HOUR - 1)).unwrap()));
+
+        // Expired with the CA still gone: refused.
+        store.tick(at(t0, HOUR));
+        assert!(matches!(store.get(&web, at(t0, HOUR)), Err(StoreError::Expired { .. })));
+
+        // The key is back: the next attempt issues a fresh certificate.
+        std::fs::rename(&away, &key).unwrap();
+        let retry = store.status()[0].next_attempt;
+        store.tick(retry);
+        let fresh = store.get(&web, retry).unwrap();
+        assert_ne!(fresh.cert[0], first.cert[0]);
+        assert_eq!(store.status()[0].failures, 0);
+    }
+
+    #[test]
     fn a_failed_first_issuance_is_retried() {
         let t0 = test_now();
         let issuer = Arc::new(FlakyIssuer::new(test_pki("example.org", t0)));

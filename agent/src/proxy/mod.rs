@@ -213,12 +213,14 @@ pub struct PodContext {
 }
 
 /// Accepts connections forever, handing each to `handle` on its own task. Accept errors such as
-/// EMFILE back off instead of spinning or exiting.
+/// EMFILE back off instead of spinning or exiting. An agent waiting to take over accepts nothing
+/// until it does (see [`crate::handoff::Hub::stand_by`]).
 pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, pod: Arc<PodContext>, handle: F)
 where
     F: Fn(TcpStream, SocketAddr, Arc<PodContext>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    pod.shared.handoff.until_serving().await;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
