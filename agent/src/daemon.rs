@@ -213,25 +213,46 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         // serving (this one exits, and the old one never stopped).
         // Giving up releases, never unenrolls: the pods' addresses stay steered to the listeners
         // this agent shares with the serving one.
-        if let Err(e) = wait_until_enrolled(&node).await {
-            watcher.abort();
-            node.shutdown().await;
-            return Err(e);
-        }
-        // From here both agents accept from the shared queues until the old one stops at TakeOver.
-        shared.handoff.serve();
-        let taken = match taker.take_over(&shared).await {
-            Ok(taken) => taken,
+        let waited = wait_until_enrolled(&node, || taker.serving_agent_gone()).await;
+        let taken = match waited {
             Err(e) => {
                 watcher.abort();
                 node.shutdown().await;
-                return Err(anyhow::Error::new(e).context("taking over from the serving agent"));
+                return Err(e);
+            }
+            Ok(Waited::ServingAgentGone) => {
+                // Nobody else serves now: waiting longer would only keep the pods failing closed.
+                tracing::warn!("the serving agent went away before the takeover; serving alone");
+                shared.handoff.serve();
+                None
+            }
+            Ok(Waited::Enrolled) => {
+                // From here both agents accept from the shared queues until the old one stops at
+                // TakeOver.
+                shared.handoff.serve();
+                match taker.take_over(&shared).await {
+                    Ok(taken) => Some(taken),
+                    Err(e) if e.serving_agent_gone() => {
+                        tracing::warn!(error = %e, "the serving agent went away during the takeover; serving alone");
+                        None
+                    }
+                    Err(e) => {
+                        watcher.abort();
+                        node.shutdown().await;
+                        return Err(anyhow::Error::new(e).context("taking over from the serving agent"));
+                    }
+                }
             }
         };
-        tracing::info!(?taken, "took over from the previous agent");
-        shared.events.emit(json!({
-            "event": "took_over", "relays": taken.relays, "failed": taken.failed, "draining": taken.draining,
-        }));
+        match taken {
+            Some(taken) => {
+                tracing::info!(?taken, "took over from the previous agent");
+                shared.events.emit(json!({
+                    "event": "took_over", "relays": taken.relays, "failed": taken.failed, "draining": taken.draining,
+                }));
+            }
+            None => shared.events.emit(json!({ "event": "serving_agent_gone" })),
+        }
         let admin =
             AdminServer::bind_replacing(&opts.admin_socket).await.context("starting the admin API")?;
         admin_task = Some(tokio::spawn(admin.serve(introspect.clone(), stopped(stop_rx_admin.clone()))));
@@ -395,15 +416,30 @@ impl ShutdownSignals {
 /// How long a taking-over agent waits for every pod to enroll before giving up (and leaving the
 /// serving agent in charge).
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(30);
+/// How often that wait looks again (pods, sync, the serving agent still there).
+const TAKE_OVER_POLL: Duration = Duration::from_millis(100);
+
+/// How a taking-over agent's wait for its pods ended.
+enum Waited {
+    /// Every pod is enrolled and the desired state known: take over.
+    Enrolled,
+    /// The serving agent exited or died meanwhile: serve alone (pods still waiting retry as
+    /// after any start).
+    ServingAgentGone,
+}
 
 /// Waits until the desired state is known (the Kubernetes caches synced) and no pod is waiting
-/// for its enrollment; the watcher retries them on their schedule meanwhile.
-async fn wait_until_enrolled(node: &NodeState) -> anyhow::Result<()> {
+/// for its enrollment, the watcher retrying them on their schedule meanwhile; or until `gone`
+/// says the serving agent went away.
+async fn wait_until_enrolled(node: &NodeState, gone: impl Fn() -> bool) -> anyhow::Result<Waited> {
     let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
     loop {
         let waiting = node.waiting();
         if waiting.is_empty() && node.synced() {
-            return Ok(());
+            return Ok(Waited::Enrolled);
+        }
+        if gone() {
+            return Ok(Waited::ServingAgentGone);
         }
         if tokio::time::Instant::now() > deadline {
             let pods: Vec<&String> = waiting.keys().collect();
@@ -411,7 +447,7 @@ async fn wait_until_enrolled(node: &NodeState) -> anyhow::Result<()> {
                 "not synced, or pods not enrolled, after {TAKE_OVER_WAIT:?} (waiting: {pods:?}); the serving agent stays in charge"
             );
         }
-        tokio::time::sleep(RELOAD_POLL).await;
+        tokio::time::sleep(TAKE_OVER_POLL).await;
     }
 }
 

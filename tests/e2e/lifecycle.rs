@@ -59,13 +59,15 @@ fn entries(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
-/// Whether `text` (ip addr show) has the probe source address.
+/// What `ip ARGS` prints inside the named netns.
+fn ip_in(netns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip").args(["netns", "exec", netns, "ip"]).args(args).output().expect("ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether the node's loopback has the probe source address.
 fn node_has_probe_source(node: &ferry_tests::SimNode) -> bool {
-    let lo = Command::new("ip")
-        .args(["netns", "exec", node.netns_name(), "ip", "addr", "show", "dev", "lo"])
-        .output()
-        .expect("ip addr");
-    String::from_utf8_lossy(&lo.stdout).contains("169.254.7.127")
+    ip_in(node.netns_name(), &["addr", "show", "dev", "lo"]).contains("169.254.7.127")
 }
 
 #[test]
@@ -145,12 +147,7 @@ fn shutdown_leaves_only_the_pinned_datapath_and_uninstall_leaves_nothing() {
     assert!(left_links.is_empty(), "links left attached: {left_links:?}");
     assert!(!node_has_probe_source(&node), "the probe source stayed on the node");
     for pod in [&client, &servers[0], &servers[1]] {
-        let rules = std::process::Command::new("ip")
-            .args(["netns", "exec", pod.netns_name(), "ip", "rule", "show"])
-            .output()
-            .expect("ip rule");
-        let rules = String::from_utf8_lossy(&rules.stdout);
-        assert!(!rules.contains("lookup 17989"), "{} keeps the transparency rule: {rules}", pod.name());
+        assert!(!has_transparency_rule(pod), "{} keeps the transparency rule", pod.name());
     }
     // And the pods' networking is back to plain: the client reaches the server directly.
     let after = connect(&client, &target, &["--bytes", "10"]).unwrap();
@@ -158,6 +155,41 @@ fn shutdown_leaves_only_the_pinned_datapath_and_uninstall_leaves_nothing() {
     assert!(after["local_addrs"][0].as_str().unwrap().starts_with(&format!("{}:", client.ipv4())), "{after}");
     assert_eq!(after["peers_seen_by_server"][0], after["local_addrs"][0]);
     drop(node);
+}
+
+/// Whether the pod's netns has the transparent-inbound rule.
+fn has_transparency_rule(pod: &ferry_tests::Pod) -> bool {
+    ip_in(pod.netns_name(), &["rule", "show"]).contains("lookup 17989")
+}
+
+#[test]
+fn uninstall_leaves_another_nodes_pods_alone() {
+    // Two simulated nodes on one host (as in the demo and these tests): uninstalling one must not
+    // touch the other's pods, whose inbound connections depend on their transparency routing.
+    let gone = Scenario::start("ungo").unwrap();
+    let kept = Scenario::start("unkp").unwrap();
+    let Scenario { agent, node, .. } = gone;
+    assert!(agent.stop().unwrap().success());
+    let said = agent.uninstall(&node).unwrap();
+    assert!(said.contains("removed"), "{said}");
+    for pod in [&kept.client, &kept.servers[0], &kept.servers[1]] {
+        assert!(
+            has_transparency_rule(pod),
+            "{} lost its transparency rule to another node's uninstall",
+            pod.name()
+        );
+    }
+    let target = sock(kept.servers[0].ipv4().into(), SERVER_PORT);
+    for _ in 0..3 {
+        let r = connect(&kept.outsider, &target, &["--bytes", "100", "--timeout-ms", "3000"]).unwrap();
+        assert_eq!(r["ok"], 1, "inbound to the other node still reaches its app: {r}");
+        let peer: std::net::SocketAddr = r["peers_seen_by_server"][0].as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::from(kept.outsider.ipv4()),
+            "the app still sees the real client: {r}"
+        );
+    }
 }
 
 #[test]

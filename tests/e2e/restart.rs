@@ -5,6 +5,7 @@ mod common;
 
 use std::{
     collections::BTreeMap,
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -296,6 +297,28 @@ fn one_node(name: &str) -> Result<(Agent, tempfile::TempDir, ScenarioPods)> {
     Ok((agent, ca, pods))
 }
 
+/// The mesh of [`one_node`] with server-2 pointed at a cgroup that does not exist: a successor
+/// reading it cannot enroll that pod (the running agent keeps its enrollment), so it waits.
+fn unenrollable_second_server(ca: &Path, pods: &ScenarioPods) -> MeshFile {
+    let mut mesh = MeshFile::new("node-a");
+    mesh.ca(&ca.join("nodes").join("node-a"), None);
+    mesh.pod(&pods.client, NAMESPACE, "client");
+    mesh.pod(&pods.servers[0], NAMESPACE, SERVICE).mode("strict");
+    mesh.pod(&pods.servers[1], NAMESPACE, SERVICE)
+        .mode("strict")
+        .cgroup(&pods.node.cgroup_root().join("missing"));
+    mesh
+}
+
+/// Waits until `agent` has enrolled a pod (it holds the shared listeners by then).
+fn wait_until_enrolling(agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.stderr().contains("enrolled") {
+        assert!(Instant::now() < deadline, "no pod enrolled: {}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Whether `report` (testapp connect) got through, and whom the server saw.
 fn got_through(report: &Value) -> bool {
     report["ok"].as_u64().unwrap_or(0) > 0
@@ -339,17 +362,9 @@ fn crash_fails_closed_and_recovers() {
 
 #[test]
 fn a_new_agent_that_cannot_become_ready_leaves_the_old_one_serving() {
-    let (agent, _ca, pods) = one_node("nrd").unwrap();
+    let (agent, ca, pods) = one_node("nrd").unwrap();
     let target = sock(pods.servers[0].ipv4().into(), SERVER_PORT);
-    // The successor reads the same mesh file: make one of its pods unenrollable for it only, by
-    // pointing that pod at a cgroup that does not exist (the running agent keeps its enrollment).
-    let mut mesh = MeshFile::new("node-a");
-    mesh.ca(&_ca.path().join("nodes").join("node-a"), None);
-    mesh.pod(&pods.client, NAMESPACE, "client");
-    mesh.pod(&pods.servers[0], NAMESPACE, SERVICE).mode("strict");
-    mesh.pod(&pods.servers[1], NAMESPACE, SERVICE)
-        .mode("strict")
-        .cgroup(&pods.node.cgroup_root().join("missing"));
+    let mesh = unenrollable_second_server(ca.path(), &pods);
     let held = ferry_tests::testapp::connect_held(
         &pods.client,
         &target,
@@ -362,10 +377,7 @@ fn a_new_agent_that_cannot_become_ready_leaves_the_old_one_serving() {
     let next = agent.spawn_successor(&pods.node).unwrap();
     // A connection opened while the new agent holds the shared listeners and waits: the old one
     // accepts it (a new agent accepts nothing before it takes over), so it outlives the attempt.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !next.stderr().contains("enrolled") && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_enrolling(&next);
     let during = ferry_tests::testapp::connect_held(
         &pods.client,
         &target,
@@ -382,4 +394,27 @@ fn a_new_agent_that_cannot_become_ready_leaves_the_old_one_serving() {
     assert_eq!(report.ok, 1, "its connections too: {report:?}");
     let report = during.release().unwrap();
     assert_eq!(report.ok, 1, "and the one opened during the attempt: {report:?}");
+}
+
+#[test]
+fn a_new_agent_serves_alone_when_the_old_one_dies_before_the_takeover() {
+    let (agent, ca, pods) = one_node("gone").unwrap();
+    let target = sock(pods.servers[0].ipv4().into(), SERVER_PORT);
+    // As above, one pod the successor cannot enroll keeps it waiting to take over...
+    agent.write_mesh(&unenrollable_second_server(ca.path(), &pods).to_toml()).unwrap();
+    let next = agent.spawn_successor(&pods.node).unwrap();
+    wait_until_enrolling(&next);
+    // ...when the serving agent dies: the successor must not wait for a takeover nobody can give,
+    // nor give up and leave the node without an agent.
+    agent.kill().unwrap();
+    let gone = next
+        .wait_for_event(|e| e["event"] == "serving_agent_gone", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}: {}", next.stderr()));
+    assert_eq!(gone["event"], "serving_agent_gone");
+    next.wait_for_event(|e| e["event"] == "ready", Duration::from_secs(20)).unwrap();
+    let r = connect(&pods.client, &target, &["--bytes", "64", "--conns", "4"]).unwrap();
+    assert_eq!(r["ok"], 4, "the successor serves the node alone: {r}");
+    let status = next.cli_json(&["status"]).expect("its admin API answers");
+    assert!(status.is_object(), "{status}");
+    assert!(next.pid() != agent.pid() && ferry_tests::procstat::alive(next.pid()));
 }

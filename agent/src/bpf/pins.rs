@@ -122,6 +122,23 @@ pub fn remove_links(dir: &Path) -> Result<(), PinError> {
     }
 }
 
+/// The netns cookies of every pod with links pinned under `root` (every layout version): the pods
+/// this installation enrolled, read from the directory names before `uninstall` removes them.
+pub fn pinned_pod_netns(root: &Path) -> std::collections::HashSet<u64> {
+    subdirs(root)
+        .iter()
+        .flat_map(|version| subdirs(&version.join("pods")))
+        .filter_map(|dir| netns_cookie_of(&dir))
+        .collect()
+}
+
+/// The netns cookie in a pod link directory's name (`CGROUPID-NETNSCOOKIE`).
+fn netns_cookie_of(dir: &Path) -> Option<u64> {
+    let name = dir.file_name()?.to_str()?;
+    let (_cgroup, cookie) = name.split_once('-')?;
+    cookie.parse().ok()
+}
+
 /// Removes everything pinned under `root`, every layout version: `ferry uninstall`. Returns whether
 /// anything was there.
 pub fn uninstall(root: &Path) -> Result<bool, PinError> {
@@ -211,6 +228,13 @@ mod tests {
         assert_eq!(pins.program("ferry_connect4"), Path::new(&format!("{v}/programs/ferry_connect4")));
         assert_eq!(pins.pod(12, 34), Path::new(&format!("{v}/pods/12-34")));
         assert_eq!(pins.node(1), Path::new(&format!("{v}/node/1")));
+    }
+
+    #[test]
+    fn pod_directory_names_give_their_netns_cookie() {
+        assert_eq!(netns_cookie_of(Path::new("/x/pods/1234-4096")), Some(4096));
+        assert_eq!(netns_cookie_of(Path::new("/x/pods/1234")), None);
+        assert_eq!(netns_cookie_of(Path::new("/x/pods/1234-abc")), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! crosses a netns), and the app's own connections never carry ours.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     sync::{Arc, Mutex, Weak},
 };
@@ -123,14 +123,20 @@ impl Drop for Transparency {
     }
 }
 
-/// Removes Ferry's transparent-inbound routing from the netns at `path` if it is there (`ferry
-/// uninstall`, after agents that left it for their successors). The sysctl stays as it is: its
-/// value before Ferry is no longer known.
-pub fn remove_from(path: &std::path::Path) -> Result<(), TransparencyError> {
+/// Removes Ferry's transparent-inbound routing from the netns at `path` if it is one of `ours` (by
+/// netns cookie: the pods this installation enrolled) and has it (`ferry uninstall`, after agents
+/// that left it for their successors); returns whether the netns was ours. Another installation's
+/// pods (another simulated node on the same host) keep theirs. The sysctl stays as it is: its value
+/// before Ferry is no longer known.
+pub fn remove_from(path: &std::path::Path, ours: &HashSet<u64>) -> Result<bool, TransparencyError> {
     let netns = PodNetns::open(path, "ferry-uninstall".into())?;
+    if !ours.contains(&netns.cookie()) {
+        return Ok(false);
+    }
     netns
         .run_blocking(|| uninstall_here(None))?
-        .map_err(|e| TransparencyError::Step("removing the routing".into(), e))
+        .map_err(|e| TransparencyError::Step("removing the routing".into(), e))?;
+    Ok(true)
 }
 
 fn rules() -> [MarkRule; 2] {

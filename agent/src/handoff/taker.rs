@@ -20,6 +20,15 @@ pub enum TakeOverError {
     Unexpected(&'static str),
 }
 
+impl TakeOverError {
+    /// Whether the serving agent went away (exited or died) rather than refused: this agent,
+    /// ready by then, serves alone; relays still in flight died with the old agent.
+    pub fn serving_agent_gone(&self) -> bool {
+        use nix::errno::Errno::{ECONNRESET, ENOTCONN, EPIPE};
+        matches!(self, Self::Wire(WireError::Closed | WireError::Socket(_, ECONNRESET | ENOTCONN | EPIPE)))
+    }
+}
+
 /// A connection to the serving agent, between inheriting its listeners and taking over.
 pub struct Taker {
     wire: Wire,
@@ -70,6 +79,11 @@ pub struct TakenOver {
 }
 
 impl Taker {
+    /// Whether the serving agent has gone away (exited or died) since it offered its listeners.
+    pub fn serving_agent_gone(&self) -> bool {
+        self.wire.peer_closed()
+    }
+
     /// Tells the old agent to stop and resumes every relay it sends.
     pub async fn take_over(self, shared: &Arc<ProxyShared>) -> Result<TakenOver, TakeOverError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

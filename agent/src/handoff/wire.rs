@@ -91,6 +91,16 @@ impl Wire {
         Ok(())
     }
 
+    /// Whether the other agent closed its end (it exited or died), checked without blocking.
+    pub fn peer_closed(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        // A closed peer sets POLLHUP on a Unix stream or seqpacket socket; it needs no request.
+        let hangup = PollFlags::POLLHUP | PollFlags::POLLERR;
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::empty())];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+            && fds[0].revents().is_some_and(|r| r.intersects(hangup))
+    }
+
     /// Receives one message and its fds.
     pub fn recv<T: serde::de::DeserializeOwned>(&self) -> Result<(T, Vec<OwnedFd>), WireError> {
         let mut buf = vec![0u8; MAX_MESSAGE];
@@ -150,5 +160,23 @@ impl WireListener {
     /// The listening fd (to wake a blocked accept by shutting it down).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_that_closes_is_seen_without_blocking() {
+        let (a, b) =
+            socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+                .unwrap();
+        let (a, b) = (Wire(a), Wire(b));
+        assert!(!a.peer_closed(), "open");
+        b.send(&"hello", &[]).unwrap();
+        assert!(!a.peer_closed(), "a message waiting is not a close");
+        drop(b);
+        assert!(a.peer_closed(), "closed");
     }
 }

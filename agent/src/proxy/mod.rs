@@ -1,5 +1,6 @@
 //! The node proxy: per-pod listeners, the outbound and inbound paths, and what they share.
 
+mod accept;
 pub mod authorize;
 pub mod balance;
 pub mod conns;
@@ -16,15 +17,11 @@ pub mod tunnel;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{
         Arc, RwLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
 };
-
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     config::{MeshConfig, Mode},
@@ -37,6 +34,7 @@ use crate::{
     metrics::Metrics,
     policy::{Authorizer, Origin, Policy, WorkloadRef},
 };
+pub(crate) use accept::accept_loop;
 use conns::ConnTable;
 use mtls::Mtls;
 use orig_dst::OrigDst;
@@ -210,32 +208,4 @@ pub struct PodContext {
     pub source_note: Option<String>,
     /// Shared proxy state.
     pub shared: Arc<ProxyShared>,
-}
-
-/// Accepts connections forever, handing each to `handle` on its own task. Accept errors such as
-/// EMFILE back off instead of spinning or exiting. An agent waiting to take over accepts nothing
-/// until it does (see [`crate::handoff::Hub::stand_by`]).
-pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, pod: Arc<PodContext>, handle: F)
-where
-    F: Fn(TcpStream, SocketAddr, Arc<PodContext>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    pod.shared.handoff.until_serving().await;
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let in_flight = pod.shared.handoff.accepted();
-                let task = handle(stream, peer, pod.clone());
-                tokio::spawn(async move {
-                    task.await;
-                    drop(in_flight);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.key, error = %e, "accept failed; backing off");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
 }
