@@ -144,6 +144,37 @@ fn app_sees_real_client_address_plaintext() {
     assert_eq!(w["app_source"], "client", "{w}");
 }
 
+#[test]
+fn many_connections_from_one_outside_address_never_collide_with_the_agents() {
+    // A client on the same kernel (a pod outside the mesh on this node) draws its ports from the
+    // same ephemeral sequence the kernel would give the agent's sockets to the app, which carry the
+    // client's address: a port picked for one could then be the other's next, and two connections
+    // with one 4-tuple in the pod's netns break each other. Thousands of short connections from one
+    // address, both families, many at once.
+    let s = Scenario::start("tpcol").unwrap();
+    let (mut ok, mut errors) = (0u64, Vec::new());
+    for round in 0..16 {
+        let ip = if round % 2 == 0 { IpAddr::from(s.servers[0].ipv4()) } else { s.servers[0].ipv6().into() };
+        let target = sock(ip, SERVER_PORT);
+        let r = connect(&s.outsider, &target, &["--bytes", "64", "--conns", "100", "--timeout-ms", "5000"])
+            .unwrap();
+        ok += r["ok"].as_u64().unwrap();
+        for seen in r["peers_seen_by_server"].as_array().into_iter().flatten() {
+            assert!((16384..=32767).contains(&port_of(seen)), "the app saw {seen}: a port clients use");
+        }
+        errors.extend(r["errors"].as_array().into_iter().flatten().map(|e| format!("{target}: {e}")));
+    }
+    assert!(
+        errors.is_empty(),
+        "{} of {} connections failed: {errors:?}",
+        errors.len(),
+        ok as usize + errors.len()
+    );
+    assert_eq!(ok, 1600);
+    let failed: Vec<Value> = s.agent.events().into_iter().filter(|e| e["event"] == "conn_failed").collect();
+    assert!(failed.is_empty(), "the agent failed connections to the app: {failed:?}");
+}
+
 /// The app sees the client pod's own address and the port the client app used, whether the
 /// connection crossed HBONE or the node-local shortcut.
 fn client_pod_address_reaches_the_app(name: &str, shortcut: bool) {
