@@ -19,18 +19,18 @@ pub fn run(admin_socket: &Path, bpf_root: &Path) -> anyhow::Result<()> {
         );
     }
     // Read before the pins go: which netns hold this installation's pods.
-    let ours = crate::bpf::pins::pinned_pod_netns(bpf_root);
+    let mut ours = crate::bpf::pins::pinned_pod_netns(bpf_root);
     let removed = crate::bpf::pins::uninstall(bpf_root)
         .with_context(|| format!("removing the pinned datapath under {}", bpf_root.display()))?;
     crate::probes::remove_from_loopback().context("removing the probe source addresses from loopback")?;
     // Stopped agents leave their pods' transparent-inbound routing for the next agent. The pins
-    // name the pods' netns by cookie only, so every netns of the node is visited and those of
-    // other installations (a simulated node beside this one) are left alone.
+    // name the pods' netns by cookie only, so the node's netns are visited until each is found;
+    // those of other installations (a simulated node beside this one) are left alone.
     for netns in every_netns() {
         if ours.is_empty() {
             break;
         }
-        if let Err(e) = crate::enroll::transparent::remove_from(&netns, &ours) {
+        if let Err(e) = crate::enroll::transparent::remove_from(&netns, &mut ours) {
             tracing::debug!(netns = %netns.display(), error = %e, "netns not cleaned (gone, or not ours)");
         }
     }

@@ -123,20 +123,19 @@ impl Drop for Transparency {
     }
 }
 
-/// Removes Ferry's transparent-inbound routing from the netns at `path` if it is one of `ours` (by
-/// netns cookie: the pods this installation enrolled) and has it (`ferry uninstall`, after agents
-/// that left it for their successors); returns whether the netns was ours. Another installation's
+/// Removes Ferry's transparent-inbound routing from the netns at `path` if its cookie is one of
+/// `ours` (the pods this installation enrolled), and takes that cookie out of `ours` (`ferry
+/// uninstall`, after agents that left the routing for their successors). Another installation's
 /// pods (another simulated node on the same host) keep theirs. The sysctl stays as it is: its value
 /// before Ferry is no longer known.
-pub fn remove_from(path: &std::path::Path, ours: &HashSet<u64>) -> Result<bool, TransparencyError> {
+pub fn remove_from(path: &std::path::Path, ours: &mut HashSet<u64>) -> Result<(), TransparencyError> {
     let netns = PodNetns::open(path, "ferry-uninstall".into())?;
-    if !ours.contains(&netns.cookie()) {
-        return Ok(false);
+    if !ours.remove(&netns.cookie()) {
+        return Ok(());
     }
     netns
         .run_blocking(|| uninstall_here(None))?
-        .map_err(|e| TransparencyError::Step("removing the routing".into(), e))?;
-    Ok(true)
+        .map_err(|e| TransparencyError::Step("removing the routing".into(), e))
 }
 
 fn rules() -> [MarkRule; 2] {
